@@ -1,0 +1,151 @@
+/*
+ * Small system calls that Node's fs module does not expose and that a block
+ * server needs: lseek with SEEK_DATA / SEEK_HOLE (to report holes and to skip
+ * them when reading), and fallocate with PUNCH_HOLE / ZERO_RANGE (to trim and
+ * to write zeroes without sending or writing zero bytes).
+ *
+ * lseek is a metadata query answered from the inode, so it runs synchronously.
+ * fallocate may touch many extents, so it runs on the libuv thread pool.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CHECK(call)                                                        \
+  do {                                                                     \
+    if ((call) != napi_ok) {                                               \
+      napi_throw_error(env, NULL, "lifeline_native: N-API call failed");   \
+      return NULL;                                                         \
+    }                                                                      \
+  } while (0)
+
+static napi_value make_errno_error(napi_env env, int code, const char *syscall) {
+  napi_value message, error, code_value, syscall_value, errno_value;
+  const char *text = strerror(code);
+  napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &message);
+  napi_create_error(env, NULL, message, &error);
+  napi_create_int32(env, code, &errno_value);
+  napi_set_named_property(env, error, "errno", errno_value);
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &syscall_value);
+  napi_set_named_property(env, error, "syscall", syscall_value);
+  const char *name = code == EOPNOTSUPP ? "EOPNOTSUPP"
+                     : code == ENOSPC   ? "ENOSPC"
+                     : code == EINVAL   ? "EINVAL"
+                     : code == EBADF    ? "EBADF"
+                     : code == EIO      ? "EIO"
+                     : code == ENXIO    ? "ENXIO"
+                                        : "ESYSCALL";
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code_value);
+  napi_set_named_property(env, error, "code", code_value);
+  return error;
+}
+
+/* seek(fd, offset, whence) where whence is 0 for SEEK_DATA and 1 for SEEK_HOLE.
+ * Returns the resulting offset, or -1 when the kernel answers ENXIO (no data at
+ * or after offset). Other errors throw. */
+static napi_value seek(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd, which;
+  int64_t offset;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_int64(env, argv[1], &offset));
+  CHECK(napi_get_value_int32(env, argv[2], &which));
+  off_t result = lseek(fd, (off_t)offset, which == 0 ? SEEK_DATA : SEEK_HOLE);
+  napi_value out;
+  if (result < 0) {
+    if (errno == ENXIO) {
+      CHECK(napi_create_int64(env, -1, &out));
+      return out;
+    }
+    napi_throw(env, make_errno_error(env, errno, "lseek"));
+    return NULL;
+  }
+  CHECK(napi_create_int64(env, (int64_t)result, &out));
+  return out;
+}
+
+typedef struct {
+  napi_async_work work;
+  napi_ref callback;
+  int fd;
+  int mode;
+  int64_t offset;
+  int64_t length;
+  int error;
+} fallocate_job;
+
+static void fallocate_execute(napi_env env, void *data) {
+  (void)env;
+  fallocate_job *job = data;
+  int rc;
+  do {
+    rc = fallocate(job->fd, job->mode, (off_t)job->offset, (off_t)job->length);
+  } while (rc < 0 && errno == EINTR);
+  job->error = rc < 0 ? errno : 0;
+}
+
+static void fallocate_complete(napi_env env, napi_status status, void *data) {
+  fallocate_job *job = data;
+  napi_value callback, global, argv[1];
+  napi_get_reference_value(env, job->callback, &callback);
+  napi_get_global(env, &global);
+  if (status != napi_ok) {
+    napi_value message;
+    napi_create_string_utf8(env, "fallocate was cancelled", NAPI_AUTO_LENGTH, &message);
+    napi_create_error(env, NULL, message, &argv[0]);
+  } else if (job->error != 0) {
+    argv[0] = make_errno_error(env, job->error, "fallocate");
+  } else {
+    napi_get_null(env, &argv[0]);
+  }
+  napi_call_function(env, global, callback, 1, argv, NULL);
+  napi_delete_reference(env, job->callback);
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+/* fallocate(fd, kind, offset, length, callback) where kind 0 punches a hole
+ * (keeping the size) and kind 1 zeroes a range (keeping the size). */
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  fallocate_job *job = calloc(1, sizeof(*job));
+  if (job == NULL) {
+    napi_throw_error(env, NULL, "lifeline_native: out of memory");
+    return NULL;
+  }
+  int32_t kind;
+  CHECK(napi_get_value_int32(env, argv[0], &job->fd));
+  CHECK(napi_get_value_int32(env, argv[1], &kind));
+  CHECK(napi_get_value_int64(env, argv[2], &job->offset));
+  CHECK(napi_get_value_int64(env, argv[3], &job->length));
+  job->mode = FALLOC_FL_KEEP_SIZE | (kind == 0 ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
+  if (kind == 1) job->mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+  CHECK(napi_create_reference(env, argv[4], 1, &job->callback));
+  napi_value name;
+  CHECK(napi_create_string_utf8(env, "lifeline:fallocate", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_async_work(env, NULL, name, fallocate_execute, fallocate_complete, job,
+                               &job->work));
+  CHECK(napi_queue_async_work(env, job->work));
+  return NULL;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_value fn;
+  CHECK(napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn));
+  CHECK(napi_set_named_property(env, exports, "seek", fn));
+  CHECK(napi_create_function(env, "fallocate", NAPI_AUTO_LENGTH, do_fallocate, NULL, &fn));
+  CHECK(napi_set_named_property(env, exports, "fallocate", fn));
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,167 @@
+/**
+ * The tap: a backing-store decorator that hands every mutation, in one total
+ * order per volume, to a consumer (the patents' "tapping driver").
+ *
+ * Ordering rule. Each mutation gets its sequence number when it arrives. A
+ * mutation that overlaps one still in flight waits until every earlier
+ * overlapping mutation has reached the backing store, so overlapping writes
+ * reach the store in sequence order; mutations that do not overlap commute, so
+ * they run concurrently. Events are delivered to the consumer strictly in
+ * sequence order once the store has completed them. A consumer that applies
+ * the events in order therefore ends with the same bytes as the store.
+ *
+ * A mutation that the store fails is still delivered, as kind `failed`, so a
+ * consumer knows that range's content is unknown and must be resynchronised.
+ */
+import type { BackingStore, Extent, ZeroOptions } from './backing-store.js';
+
+export type TapEventKind = 'write' | 'zero' | 'trim' | 'failed';
+
+export interface TapEvent {
+  volume: string;
+  /** 1, 2, 3, … per volume, with no gaps. */
+  sequence: number;
+  /** Wall-clock time (ms since the epoch) when the mutation arrived at the tap. */
+  sourceTimeMs: number;
+  offset: number;
+  lengthBytes: number;
+  kind: TapEventKind;
+  /**
+   * The written bytes, for kind `write`. This is the buffer the NBD request
+   * arrived in, not a copy: a consumer must not modify it, and must copy it if it
+   * keeps it beyond a bounded time.
+   */
+  data?: Buffer;
+}
+
+export interface TapConsumer {
+  accept(event: TapEvent): void;
+}
+
+export interface Clock {
+  nowMs(): number;
+}
+
+export const systemClock: Clock = { nowMs: () => Date.now() };
+
+interface InFlight {
+  sequence: number;
+  offset: number;
+  end: number;
+  done: Promise<void>;
+}
+
+export interface TapOptions {
+  volume: string;
+  consumer: TapConsumer;
+  clock?: Clock;
+}
+
+export class Tap implements BackingStore {
+  readonly volume: string;
+  private readonly inner: BackingStore;
+  private readonly consumer: TapConsumer;
+  private readonly clock: Clock;
+  private sequenceLast = 0;
+  private sequenceDelivered = 0;
+  private readonly inFlight = new Map<number, InFlight>();
+  private readonly completed = new Map<number, TapEvent>();
+
+  constructor(inner: BackingStore, options: TapOptions) {
+    this.inner = inner;
+    this.volume = options.volume;
+    this.consumer = options.consumer;
+    this.clock = options.clock ?? systemClock;
+  }
+
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+
+  /** The sequence number of the newest event delivered to the consumer. */
+  get sequenceDeliveredLast(): number {
+    return this.sequenceDelivered;
+  }
+
+  read(target: Buffer, offset: number): Promise<void> {
+    return this.inner.read(target, offset);
+  }
+
+  write(data: Buffer, offset: number): Promise<void> {
+    return this.mutate('write', offset, data.length, data, () => this.inner.write(data, offset));
+  }
+
+  writeZeroes(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
+    return this.mutate('zero', offset, lengthBytes, undefined, () => this.inner.writeZeroes(offset, lengthBytes, options));
+  }
+
+  trim(offset: number, lengthBytes: number): Promise<void> {
+    return this.mutate('trim', offset, lengthBytes, undefined, () => this.inner.trim(offset, lengthBytes));
+  }
+
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+
+  cache(offset: number, lengthBytes: number): Promise<void> {
+    return this.inner.cache(offset, lengthBytes);
+  }
+
+  extents(offset: number, lengthBytes: number, extentCountMax: number): Extent[] {
+    return this.inner.extents(offset, lengthBytes, extentCountMax);
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+
+  private mutate(
+    kind: TapEventKind,
+    offset: number,
+    lengthBytes: number,
+    data: Buffer | undefined,
+    apply: () => Promise<void>,
+  ): Promise<void> {
+    const sequence = ++this.sequenceLast;
+    const event: TapEvent = { volume: this.volume, sequence, sourceTimeMs: this.clock.nowMs(), offset, lengthBytes, kind };
+    if (data) event.data = data;
+    const end = offset + lengthBytes;
+    let blockers: Promise<void>[] | undefined;
+    for (const other of this.inFlight.values()) {
+      if (other.offset < end && offset < other.end) (blockers ??= []).push(other.done);
+    }
+    const run = async (): Promise<void> => {
+      if (blockers) await Promise.all(blockers);
+      try {
+        await apply();
+      } catch (error) {
+        this.complete({ volume: event.volume, sequence, sourceTimeMs: event.sourceTimeMs, offset, lengthBytes, kind: 'failed' });
+        throw error;
+      }
+      this.complete(event);
+    };
+    const result = run();
+    // `done` settles either way, so a failed write never blocks later ones.
+    const entry: InFlight = { sequence, offset, end, done: result.then(noop, noop) };
+    this.inFlight.set(sequence, entry);
+    return result;
+  }
+
+  private complete(event: TapEvent): void {
+    this.inFlight.delete(event.sequence);
+    this.completed.set(event.sequence, event);
+    for (;;) {
+      const next = this.completed.get(this.sequenceDelivered + 1);
+      if (!next) break;
+      this.completed.delete(next.sequence);
+      this.sequenceDelivered = next.sequence;
+      this.consumer.accept(next);
+    }
+  }
+}
+
+function noop(): void {}

@@ -1,0 +1,229 @@
+/**
+ * Shared test fixtures: start and stop a real `bin/lifeline nbd serve` process
+ * (stopped by its pid), run real peers with a timeout, make temporary
+ * directories and TLS certificates.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as net from 'node:net';
+import { fileURLToPath } from 'node:url';
+
+export const repositoryRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const lifelineBin = path.join(repositoryRoot, 'bin', 'lifeline');
+/** The system Python, which has the libnbd binding (a pyenv python3 may not). */
+export const systemPython = '/usr/bin/python3';
+
+export function makeTempDir(prefix = 'lifeline-test-'): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+export interface RunOptions {
+  timeoutMs?: number;
+  input?: string | Buffer;
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+  /** Resolve even when the exit code is not 0. */
+  allowFailure?: boolean;
+}
+
+/** Runs a command to completion; rejects on a non-zero exit unless allowFailure. */
+export function run(command: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
+  const timeoutMs = options.timeoutMs ?? 120_000;
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { env: options.env ?? process.env, cwd: options.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => (stdout += chunk));
+    child.stderr.on('data', (chunk) => (stderr += chunk));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${command} ${args.join(' ')} timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, timeoutMs);
+    child.on('error', (error) => {
+      clearTimeout(timer);
+      reject(new Error(`Cannot run ${command}: ${error.message}`, { cause: error }));
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      const result = { code, signal, stdout, stderr };
+      if (code !== 0 && !options.allowFailure) {
+        reject(new Error(`${command} ${args.join(' ')} exited with ${code ?? signal}\nstdout: ${stdout}\nstderr: ${stderr}`));
+      } else resolve(result);
+    });
+    if (options.input !== undefined) child.stdin.end(options.input);
+    else child.stdin.end();
+  });
+}
+
+export interface TapSummary {
+  export: string;
+  events: number;
+  sequenceLast: number;
+  checksum: number;
+  count: Record<string, number>;
+  bytes: Record<string, number>;
+}
+
+export interface RunningServer {
+  pid: number;
+  /** `nbd://127.0.0.1:PORT` for the first TCP listener, if any. */
+  tcpUri?: string;
+  port?: number;
+  socketPath?: string;
+  process: ChildProcess;
+  stdout(): string;
+  stderr(): string;
+  /** SIGTERM by pid, wait for exit; returns the tap summaries printed at exit. */
+  stop(): Promise<TapSummary[]>;
+}
+
+/**
+ * Starts `bin/lifeline nbd serve` with the given arguments. Add
+ * `--listen 127.0.0.1:0` and/or `--socket PATH` yourself.
+ */
+export async function startLifeline(args: string[], options: { startMsMax?: number } = {}): Promise<RunningServer> {
+  const child = spawn(lifelineBin, ['nbd', 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (chunk) => (stdout += chunk));
+  child.stderr!.on('data', (chunk) => (stderr += chunk));
+  const expectedListeners = args.filter((arg) => arg === '--listen' || arg === '--socket').length || 1;
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`lifeline did not start in time\nstdout: ${stdout}\nstderr: ${stderr}`)), options.startMsMax ?? 15_000);
+    const check = (): void => {
+      if ((stdout.match(/^listening /gm) ?? []).length >= expectedListeners) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    child.stdout!.on('data', check);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`lifeline exited with ${code} before listening\nstdout: ${stdout}\nstderr: ${stderr}`));
+    });
+  });
+  const tcp = /^listening nbd:\/\/([^\s]+):(\d+)$/m.exec(stdout);
+  const unix = /^listening nbd\+unix:\/\/\/\?socket=(.+)$/m.exec(stdout);
+  const server: RunningServer = {
+    pid: child.pid!,
+    process: child,
+    stdout: () => stdout,
+    stderr: () => stderr,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) process.kill(child.pid!, 'SIGTERM');
+      const timer = setTimeout(() => {
+        if (child.exitCode === null) process.kill(child.pid!, 'SIGKILL');
+      }, 15_000);
+      await exited;
+      clearTimeout(timer);
+      return stdout
+        .split('\n')
+        .filter((line) => line.startsWith('{"event":"tap-summary"'))
+        .map((line) => JSON.parse(line) as TapSummary);
+    },
+  };
+  if (tcp) {
+    server.port = Number(tcp[2]);
+    server.tcpUri = `nbd://${tcp[1]}:${tcp[2]}`;
+  }
+  if (unix) server.socketPath = unix[1]!;
+  return server;
+}
+
+/** A TCP port that was free a moment ago (for peers that cannot pick their own). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const port = (probe.address() as net.AddressInfo).port;
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/** Creates a file of `sizeBytes` with pseudo-random content from a seed. */
+export function writeRandomFile(filePath: string, sizeBytes: number, seed: number): void {
+  const fd = fs.openSync(filePath, 'w');
+  const chunk = Buffer.alloc(1 << 20);
+  let state = seed >>> 0 || 1;
+  try {
+    for (let done = 0; done < sizeBytes; done += chunk.length) {
+      for (let i = 0; i < chunk.length; i += 4) {
+        state ^= state << 13;
+        state ^= state >>> 17;
+        state ^= state << 5;
+        chunk.writeUInt32LE(state >>> 0, i);
+      }
+      fs.writeSync(fd, chunk, 0, Math.min(chunk.length, sizeBytes - done));
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export interface TlsFiles {
+  /** Directory laid out as libnbd and qemu expect: ca-cert.pem, server-*.pem, client-*.pem. */
+  dir: string;
+  caCert: string;
+  serverCert: string;
+  serverKey: string;
+  clientCert: string;
+  clientKey: string;
+}
+
+/** Makes a throwaway CA, a server certificate for localhost/127.0.0.1 and a client certificate. */
+export async function makeTlsFiles(dir: string): Promise<TlsFiles> {
+  fs.mkdirSync(dir, { recursive: true });
+  const file = (name: string): string => path.join(dir, name);
+  const openssl = (args: string[]): Promise<RunResult> => run('openssl', args, { cwd: dir });
+  await openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=Lifeline test CA', '-keyout', file('ca-key.pem'), '-out', file('ca-cert.pem'),
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+  for (const role of ['server', 'client'] as const) {
+    await openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-subj', `/CN=${role === 'server' ? 'localhost' : 'lifeline-test-client'}`, '-keyout', file(`${role}-key.pem`), '-out', file(`${role}.csr`)]);
+    const extensions = role === 'server'
+      ? 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n'
+      : 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n';
+    fs.writeFileSync(file(`${role}.ext`), extensions);
+    await openssl(['x509', '-req', '-in', file(`${role}.csr`), '-CA', file('ca-cert.pem'), '-CAkey', file('ca-key.pem'), '-CAcreateserial', '-days', '2', '-extfile', file(`${role}.ext`), '-out', file(`${role}-cert.pem`)]);
+  }
+  return {
+    dir,
+    caCert: file('ca-cert.pem'),
+    serverCert: file('server-cert.pem'),
+    serverKey: file('server-key.pem'),
+    clientCert: file('client-cert.pem'),
+    clientKey: file('client-key.pem'),
+  };
+}
+
+/** Seed for a randomised test: LIFELINE_SEED if set, else random; always printed. */
+export function testSeed(name: string): number {
+  const fromEnv = process.env.LIFELINE_SEED;
+  const seed = fromEnv ? Number(fromEnv) : Math.floor(Math.random() * 0x7fffffff);
+  console.log(`# ${name}: seed ${seed} (replay with LIFELINE_SEED=${seed})`);
+  return seed;
+}
+
+/** A small deterministic PRNG (xorshift32) for tests. */
+export function prng(seed: number): () => number {
+  let state = seed >>> 0 || 0x9e3779b9;
+  return () => {
+    state ^= state << 13;
+    state >>>= 0;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    state >>>= 0;
+    return state / 0x100000000;
+  };
+}
