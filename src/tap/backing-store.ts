@@ -135,7 +135,7 @@ export class FileBackingStore implements BackingStore {
     const { path, readOnly, createSizeBytes } = options;
     let exists = true;
     try {
-      fs.statSync(path);
+      if (!fs.statSync(path).isFile()) throw new Error(`Cannot open backing file as it is not a regular file: path is ${path}`);
     } catch (error) {
       if ((error as { code?: string }).code !== 'ENOENT') throw error;
       exists = false;
@@ -154,7 +154,12 @@ export class FileBackingStore implements BackingStore {
         fs.closeSync(fd);
       }
     }
-    const fd = fs.openSync(path, readOnly ? 'r' : 'r+');
+    let fd: number;
+    try {
+      fd = fs.openSync(path, readOnly ? 'r' : 'r+');
+    } catch (error) {
+      throw new Error(`Cannot open backing file ${readOnly ? 'for reading' : 'for reading and writing'}: path is ${path} (${(error as Error).message})`, { cause: error });
+    }
     const stat = fs.fstatSync(fd);
     if (!stat.isFile()) {
       fs.closeSync(fd);
