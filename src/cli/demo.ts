@@ -81,7 +81,13 @@ export async function runDemo(argv: string[]): Promise<void> {
   console.log(`  built-in workload: ${values['no-workload'] ? 'off' : `${workloadWritesPerSecond} writes/s with zeroes and trims`}; Ctrl-C stops\n`);
 
   let stopping = false;
-  const workload = values['no-workload'] ? undefined : runWorkload(listen, () => stopping);
+  const boundPort = (bound as { port: number }).port;
+  const workload = values['no-workload']
+    ? undefined
+    : runWorkload({ host: listen.host, port: boundPort }, () => stopping).catch((error: unknown) => {
+        process.exitCode = 1;
+        console.error(`lifeline demo: the built-in workload stopped: ${(error as Error).message}`);
+      });
   const started = Date.now();
   let lastEvents = 0;
   let lastBytes = 0;
