@@ -161,8 +161,10 @@ export class NbdServer {
    */
   async close(): Promise<void> {
     this.shuttingDown = true;
-    await Promise.all(this.listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve()))));
+    // net.Server.close() calls back only once its connections are gone, so both run together.
+    const listenersClosed = this.listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve())));
     await Promise.all([...this.connections].map((connection) => connection.shutdown()));
+    await Promise.all(listenersClosed);
   }
 }
 
@@ -371,7 +373,9 @@ class Connection {
       if (lengthBytes > optionBytesMax) {
         if (option === P.OPT_EXPORT_NAME) return this.destroy();
         await this.skip(lengthBytes);
-        this.send(P.optionReply(option, P.REP_ERR_TOO_BIG, Buffer.from('option payload too large')));
+        // The baseline says an option the server does not implement MUST get ERR_UNSUP, whatever its size.
+        if (!P.OPTIONS_KNOWN.has(option)) this.send(P.optionReply(option, P.REP_ERR_UNSUP, Buffer.from(`option ${option} is not supported`)));
+        else this.send(P.optionReply(option, P.REP_ERR_TOO_BIG, Buffer.from('option payload too large')));
         continue;
       }
       const data = await this.read(lengthBytes);
@@ -404,8 +408,8 @@ class Connection {
         return true;
       }
       case P.OPT_ABORT:
-        if (data.length === 0) this.send(P.optionReply(option, P.REP_ACK));
-        else this.send(P.optionReply(option, P.REP_ERR_INVALID));
+        // "The server MUST reply with NBD_REP_ACK" and SHOULD ignore any data rather than refuse it.
+        this.send(P.optionReply(option, P.REP_ACK));
         this.socket.end();
         this.phase = 'closing';
         return true;
@@ -700,7 +704,8 @@ class Connection {
     if (type === P.CMD_BLOCK_STATUS && !this.blockStatusActive) return P.NBD_EINVAL;
     if (lengthBytes === 0) return P.NBD_EINVAL;
     if ((type === P.CMD_READ) && lengthBytes > payloadBytesMax) return P.NBD_EINVAL;
-    if (offset > size || lengthBytes > size - offset) return mutating ? P.NBD_ENOSPC : P.NBD_EINVAL;
+    // The spec asks ENOSPC for writes and write-zeroes past the end, EINVAL for reads and trims.
+    if (offset > size || lengthBytes > size - offset) return type === P.CMD_WRITE || type === P.CMD_WRITE_ZEROES ? P.NBD_ENOSPC : P.NBD_EINVAL;
     return 0;
   }
 
