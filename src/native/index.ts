@@ -8,6 +8,13 @@ export interface NativeHelpers {
   /** lseek SEEK_DATA (whence 0) or SEEK_HOLE (whence 1); -1 when no data lies at or past offset. */
   seek(fd: number, offset: number, whence: 0 | 1): number;
   /** fallocate with PUNCH_HOLE (kind 0) or ZERO_RANGE (kind 1), both keeping the size. */
+  /**
+   * Reads from the page cache without waiting for the disk (preadv2 RWF_NOWAIT):
+   * bytes read (0 at end of file), or -1 when nothing could be read without blocking.
+   */
+  readCached(fd: number, target: Uint8Array, position: number): number;
+  /** CRC-32C of the buffer, chained from `seed` (0 to start). */
+  crc32c(data: Uint8Array, seed?: number): number;
   fallocate(fd: number, kind: 0 | 1, offset: number, lengthBytes: number, done: (error: Error | null) => void): void;
 }
 
@@ -18,7 +25,7 @@ function load(): NativeHelpers {
     return createRequire(import.meta.url)(addonPath) as NativeHelpers;
   } catch (error) {
     throw new Error(
-      `Cannot load Lifeline's native helper as it is not built: path is ${addonPath} (run 'npm ci' or 'npx node-gyp rebuild' in the repository)`,
+      `Cannot load Lifeline's native helper as it is not built: path is ${addonPath} (run 'npm ci', or 'npm run install' to rebuild it, in the repository)`,
       { cause: error },
     );
   }

@@ -10,7 +10,7 @@ test('ByteQueue: any split into chunks and any take/peek/drop sequence yields th
     fc.property(
       fc.uint8Array({ minLength: 0, maxLength: 2000 }),
       fc.array(fc.integer({ min: 1, max: 300 }), { minLength: 1, maxLength: 40 }),
-      fc.array(fc.tuple(fc.constantFrom('take', 'peek', 'drop'), fc.integer({ min: 0, max: 400 })), { maxLength: 60 }),
+      fc.array(fc.tuple(fc.constantFrom('take', 'peek', 'drop', 'chunks'), fc.integer({ min: 0, max: 400 })), { maxLength: 60 }),
       (bytes, splits, operations) => {
         const source = Buffer.from(bytes);
         const queue = new ByteQueue();
@@ -28,6 +28,9 @@ test('ByteQueue: any split into chunks and any take/peek/drop sequence yields th
             assert.ok(queue.peek(n).equals(source.subarray(read, read + n)));
           } else if (operation === 'take') {
             assert.ok(queue.take(n).equals(source.subarray(read, read + n)));
+            read += n;
+          } else if (operation === 'chunks') {
+            assert.ok(Buffer.concat(queue.takeChunks(n)).equals(source.subarray(read, read + n)));
             read += n;
           } else {
             assert.equal(queue.drop(count), Math.min(count, source.length - read));

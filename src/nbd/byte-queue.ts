@@ -45,6 +45,23 @@ export class ByteQueue {
     return out;
   }
 
+  /**
+   * Consumes `n` bytes as the chunks they sit in (subarrays, no copy).
+   * Requires `n <= length`.
+   */
+  takeChunks(n: number): Buffer[] {
+    const out: Buffer[] = [];
+    let left = n;
+    while (left > 0) {
+      const first = this.chunks[this.head]!;
+      const step = Math.min(first.length - this.headOffset, left);
+      out.push(first.subarray(this.headOffset, this.headOffset + step));
+      this.advance(step);
+      left -= step;
+    }
+    return out;
+  }
+
   /** Discards up to `n` bytes; returns how many were discarded. */
   drop(n: number): number {
     const dropped = Math.min(n, this.length);

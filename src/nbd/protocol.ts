@@ -27,6 +27,18 @@ export const OPT_GO = 7;
 export const OPT_STRUCTURED_REPLY = 8;
 export const OPT_LIST_META_CONTEXT = 9;
 export const OPT_SET_META_CONTEXT = 10;
+/** The options this server implements; any other gets NBD_REP_ERR_UNSUP. */
+export const OPTIONS_KNOWN: ReadonlySet<number> = new Set([
+  OPT_EXPORT_NAME,
+  OPT_ABORT,
+  OPT_LIST,
+  OPT_STARTTLS,
+  OPT_INFO,
+  OPT_GO,
+  OPT_STRUCTURED_REPLY,
+  OPT_LIST_META_CONTEXT,
+  OPT_SET_META_CONTEXT,
+]);
 
 // Option reply types.
 export const REP_ACK = 1;
@@ -80,16 +92,20 @@ export const CMD_CACHE = 5;
 export const CMD_WRITE_ZEROES = 6;
 export const CMD_BLOCK_STATUS = 7;
 
-/** The flags each command accepts; any other bit is refused with EINVAL. */
+/**
+ * The flags each command accepts; any other bit is refused with EINVAL. FUA is
+ * on every command: with NBD_FLAG_SEND_FUA advertised the spec says the server
+ * "MUST accept all commands with this bit set (even by ignoring the bit)".
+ */
 export const CMD_FLAGS_ALLOWED: Readonly<Record<number, number>> = {
-  [CMD_READ]: CMD_FLAG_DF,
+  [CMD_READ]: CMD_FLAG_FUA | CMD_FLAG_DF,
   [CMD_WRITE]: CMD_FLAG_FUA,
-  [CMD_DISC]: 0,
-  [CMD_FLUSH]: 0,
+  [CMD_DISC]: CMD_FLAG_FUA,
+  [CMD_FLUSH]: CMD_FLAG_FUA,
   [CMD_TRIM]: CMD_FLAG_FUA,
-  [CMD_CACHE]: 0,
+  [CMD_CACHE]: CMD_FLAG_FUA,
   [CMD_WRITE_ZEROES]: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-  [CMD_BLOCK_STATUS]: CMD_FLAG_REQ_ONE,
+  [CMD_BLOCK_STATUS]: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 };
 
 // Structured reply chunk types and flags.

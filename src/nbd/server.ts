@@ -8,7 +8,8 @@ import * as tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import * as P from './protocol.js';
 import { ByteQueue } from './byte-queue.js';
-import { FastZeroUnsupportedError, type BackingStore } from '../tap/backing-store.js';
+import { BufferPool } from './buffer-pool.js';
+import { FastZeroUnsupportedError, syncWriteBytesMax, type BackingStore, type WriteData } from '../tap/backing-store.js';
 import { type Logger, silentLogger } from '../util/logger.js';
 
 /** Maximum connections served at once; more are closed at accept. */
@@ -29,6 +30,8 @@ export const optionsPerConnectionMax = 4096;
 export const handshakeMsMax = 60_000;
 /** Extents returned by one BLOCK_STATUS reply. */
 export const blockStatusExtentsMax = 4096;
+/** Extents looked up to split one structured READ reply into data and hole chunks. */
+export const readExtentsMax = 64;
 /** Metadata-context queries accepted in one option. */
 export const metaContextQueriesMax = 256;
 /** Minimum and preferred block sizes advertised (the protocol's defaults). */
@@ -81,6 +84,7 @@ export class NbdServer {
   private readonly connections = new Set<Connection>();
   private connectionIdLast = 0;
   shuttingDown = false;
+  readonly bufferPool = new BufferPool();
 
   constructor(options: NbdServerOptions) {
     if (options.exports.length === 0) throw new Error('Cannot start an NBD server with no exports');
@@ -174,7 +178,7 @@ interface Request {
   cookie: Buffer;
   offset: number;
   lengthBytes: number;
-  data?: Buffer;
+  data?: WriteData;
 }
 
 /** Offsets past 2^53 cannot be addressed; they map to this and fail range checks. */
@@ -395,8 +399,10 @@ class Connection {
       case P.OPT_EXPORT_NAME: {
         const config = this.server.findExport(data.toString('utf8'));
         if (!config) {
-          // The only answer the spec allows to an unknown name here is to close.
-          this.destroy();
+          // The only answer the spec allows to an unknown name here is to close. end(), not
+          // destroy(): replies to earlier options may still be queued (always so under TLS).
+          this.socket.end();
+          this.phase = 'closing';
           return true;
         }
         this.selectExport(config, false);
@@ -606,7 +612,11 @@ class Connection {
         this.replyError(request, P.NBD_EINVAL, `payload of ${request.lengthBytes} bytes is over the maximum of ${payloadBytesMax}`);
         continue;
       }
-      if (this.disconnectRequested) return;
+      if (this.disconnectRequested) {
+        // Nothing may follow NBD_CMD_DISC: drop it rather than buffer it without bound.
+        queue.clear();
+        return;
+      }
       if (this.overBudget()) {
         this.pauseReading();
         return;
@@ -636,7 +646,8 @@ class Connection {
       const cookie = Buffer.from(header.subarray(8, 16));
       queue.drop(P.REQUEST_HEADER_BYTES);
       const request: Request = { flags, type, cookie, offset, lengthBytes };
-      if (type === P.CMD_WRITE) request.data = queue.take(lengthBytes);
+      // Large payloads stay in the chunks the socket delivered and are written vectored.
+      if (type === P.CMD_WRITE) request.data = lengthBytes <= syncWriteBytesMax ? queue.take(lengthBytes) : queue.takeChunks(lengthBytes);
       this.dispatch(request);
     }
   }
@@ -663,12 +674,13 @@ class Connection {
     this.execute(request).then(
       () => this.finish(reservedBytes),
       (failure: unknown) => {
-        this.finish(reservedBytes);
         const code = failure instanceof FastZeroUnsupportedError ? P.NBD_ENOTSUP : P.nbdErrorFromSystem(failure);
         if (code === P.NBD_EIO) {
           this.server.logger.error('request failed', { connection: this.id, command: P.COMMAND_NAMES[request.type], offset: request.offset, lengthBytes: request.lengthBytes, error: String(failure) });
         }
+        // Reply before finish(): the last request finishing after NBD_CMD_DISC ends the socket.
         this.replyError(request, code, String((failure as Error)?.message ?? failure));
+        this.finish(reservedBytes);
       },
     );
   }
@@ -746,58 +758,58 @@ class Connection {
   private async read_(request: Request): Promise<void> {
     const store = this.store!;
     const { offset, lengthBytes, cookie } = request;
-    const buffer = Buffer.allocUnsafe(lengthBytes);
-    if (!this.structuredReplies) {
-      await store.read(buffer, offset);
-      if (!this.isOpen) return;
-      this.socket.cork();
-      this.socket.write(P.simpleReplyHeader(0, cookie));
-      this.socket.write(buffer);
-      this.socket.uncork();
-      return;
-    }
-    const extents = (request.flags & P.CMD_FLAG_DF) !== 0 ? undefined : store.extents(offset, lengthBytes, 64);
-    if (!extents || (extents.length === 1 && !extents[0]!.hole)) {
-      await store.read(buffer, offset);
-      if (!this.isOpen) return;
-      this.sendData(cookie, offset, buffer, true);
-      return;
-    }
-    // Read the data extents, then answer holes as holes and data as data.
-    const reads: Promise<void>[] = [];
-    let cursor = 0;
-    for (const extent of extents) {
-      if (!extent.hole) reads.push(store.read(buffer.subarray(cursor, cursor + extent.lengthBytes), offset + cursor));
-      cursor += extent.lengthBytes;
-    }
-    if (cursor < lengthBytes) reads.push(store.read(buffer.subarray(cursor), offset + cursor));
-    await Promise.all(reads);
-    if (!this.isOpen) return;
-    this.socket.cork();
-    cursor = 0;
-    for (const extent of extents) {
-      const last = cursor + extent.lengthBytes === lengthBytes;
-      if (extent.hole) {
-        const header = P.structuredReplyHeader(last ? P.REPLY_FLAG_DONE : 0, P.REPLY_TYPE_OFFSET_HOLE, cookie, 12, 12);
-        header.writeBigUInt64BE(BigInt(offset + cursor), 20);
-        header.writeUInt32BE(extent.lengthBytes, 28);
-        this.socket.write(header);
+    const pooled = this.server.bufferPool.acquire(lengthBytes);
+    const buffer = pooled.buffer;
+    const parts: Buffer[] = [];
+    try {
+      if (!this.structuredReplies) {
+        await store.read(buffer, offset);
+        parts.push(P.simpleReplyHeader(0, cookie), buffer);
       } else {
-        this.sendData(cookie, offset + cursor, buffer.subarray(cursor, cursor + extent.lengthBytes), last);
+        const extents = (request.flags & P.CMD_FLAG_DF) !== 0 ? undefined : store.extents(offset, lengthBytes, readExtentsMax);
+        if (!extents || (extents.length === 1 && !extents[0]!.hole)) {
+          await store.read(buffer, offset);
+          parts.push(dataChunkHeader(cookie, offset, lengthBytes, true), buffer);
+        } else {
+          // Read the data extents, then answer holes as holes and data as data.
+          const reads: Promise<void>[] = [];
+          let cursor = 0;
+          for (const extent of extents) {
+            if (!extent.hole) reads.push(store.read(buffer.subarray(cursor, cursor + extent.lengthBytes), offset + cursor));
+            cursor += extent.lengthBytes;
+          }
+          if (cursor < lengthBytes) reads.push(store.read(buffer.subarray(cursor), offset + cursor));
+          await Promise.all(reads);
+          cursor = 0;
+          for (const extent of extents) {
+            const last = cursor + extent.lengthBytes === lengthBytes;
+            if (extent.hole) {
+              const header = P.structuredReplyHeader(last ? P.REPLY_FLAG_DONE : 0, P.REPLY_TYPE_OFFSET_HOLE, cookie, 12, 12);
+              header.writeBigUInt64BE(BigInt(offset + cursor), 20);
+              header.writeUInt32BE(extent.lengthBytes, 28);
+              parts.push(header);
+            } else {
+              parts.push(dataChunkHeader(cookie, offset + cursor, extent.lengthBytes, last), buffer.subarray(cursor, cursor + extent.lengthBytes));
+            }
+            cursor += extent.lengthBytes;
+          }
+          if (cursor < lengthBytes) parts.push(dataChunkHeader(cookie, offset + cursor, lengthBytes - cursor, true), buffer.subarray(cursor));
+        }
       }
-      cursor += extent.lengthBytes;
+    } catch (error) {
+      pooled.release();
+      throw error;
     }
-    if (cursor < lengthBytes) this.sendData(cookie, offset + cursor, buffer.subarray(cursor), true);
-    this.socket.uncork();
-  }
-
-  private sendData(cookie: Buffer, offset: number, data: Buffer, last: boolean): void {
-    const header = P.structuredReplyHeader(last ? P.REPLY_FLAG_DONE : 0, P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + data.length, 8);
-    header.writeBigUInt64BE(BigInt(offset), 20);
-    this.socket.cork();
-    this.socket.write(header);
-    this.socket.write(data);
-    this.socket.uncork();
+    if (!this.isOpen) {
+      pooled.release();
+      return;
+    }
+    // One reply's parts go out together; the buffer returns to the pool once the socket has them.
+    const socket = this.socket;
+    socket.cork();
+    for (let i = 0; i < parts.length - 1; i++) socket.write(parts[i]!);
+    socket.write(parts[parts.length - 1]!, () => pooled.release());
+    socket.uncork();
   }
 
   private async blockStatus(request: Request): Promise<void> {
@@ -828,6 +840,12 @@ class Connection {
       this.send(P.simpleReplyHeader(error, request.cookie));
     }
   }
+}
+
+function dataChunkHeader(cookie: Buffer, offset: number, dataBytes: number, last: boolean): Buffer {
+  const header = P.structuredReplyHeader(last ? P.REPLY_FLAG_DONE : 0, P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + dataBytes, 8);
+  header.writeBigUInt64BE(BigInt(offset), 20);
+  return header;
 }
 
 function validationMessage(request: Request, error: number): string {

@@ -53,6 +53,15 @@ for (const implementation of implementations) {
         assert.equal(extents[0]!.lengthBytes, 131072);
       }));
 
+    test('a write given as several chunks lands back to back', () =>
+      withStore(async (store) => {
+        const chunks = [Buffer.alloc(1000, 1), Buffer.alloc(3000, 2), Buffer.alloc(70000, 3)];
+        await store.write(chunks, 5000);
+        const back = Buffer.alloc(74000);
+        await store.read(back, 5000);
+        assert.ok(back.equals(Buffer.concat(chunks)));
+      }));
+
     test('writeZeroes and trim leave zeroes behind, with and without deallocation', () =>
       withStore(async (store) => {
         await store.write(Buffer.alloc(sizeBytes, 0x11), 0);

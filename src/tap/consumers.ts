@@ -3,8 +3,8 @@
  * with a running checksum (used by the live display and the benchmark), and a
  * replayer that applies events to another store (used to prove ordering).
  */
-import { crc32 } from 'node:zlib';
 import type { BackingStore } from './backing-store.js';
+import { native } from '../native/index.js';
 import type { TapConsumer, TapEvent, TapEventKind } from './tap.js';
 
 export interface TapCounts {
@@ -12,7 +12,7 @@ export interface TapCounts {
   bytes: Record<TapEventKind, number>;
   count: Record<TapEventKind, number>;
   sequenceLast: number;
-  /** CRC-32 chained over every event's header fields and data, in order. */
+  /** CRC-32C chained over every event's header fields and data, in order. */
   checksum: number;
 }
 
@@ -42,8 +42,9 @@ export class CountingConsumer implements TapConsumer {
     header.writeDoubleBE(event.offset, 8);
     header.writeUInt32BE(event.lengthBytes, 16);
     header.writeUInt32BE(kindCode[event.kind], 20);
-    let checksum = crc32(header, counts.checksum);
-    if (event.data) checksum = crc32(event.data, checksum);
+    let checksum = native.crc32c(header, counts.checksum);
+    if (Buffer.isBuffer(event.data)) checksum = native.crc32c(event.data, checksum);
+    else if (event.data) for (const chunk of event.data) checksum = native.crc32c(chunk, checksum);
     counts.checksum = checksum;
     for (const listener of this.listeners) listener(event);
   }
@@ -77,7 +78,8 @@ export class ReplayConsumer implements TapConsumer {
     const { offset, lengthBytes } = event;
     switch (event.kind) {
       case 'write': {
-        const copy = Buffer.from(event.data!);
+        const data = event.data!;
+        const copy = Buffer.isBuffer(data) ? Buffer.from(data) : Buffer.concat(data);
         this.chain = this.chain.then(() => this.replica.write(copy, offset));
         break;
       }

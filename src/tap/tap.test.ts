@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import fc from 'fast-check';
 import { Tap, type TapEvent } from './tap.js';
-import { FileBackingStore, MemoryBackingStore, type BackingStore, type Extent, type ZeroOptions } from './backing-store.js';
+import { FileBackingStore, MemoryBackingStore, type BackingStore, type Extent, type WriteData, type ZeroOptions } from './backing-store.js';
 import { CountingConsumer, ReplayConsumer } from './consumers.js';
 import { NbdServer } from '../nbd/server.js';
 import { NbdClient } from '../nbd/client.js';
@@ -29,7 +29,7 @@ class JitterStore implements BackingStore {
   read(target: Buffer, offset: number): Promise<void> {
     return this.inner.read(target, offset);
   }
-  async write(data: Buffer, offset: number): Promise<void> {
+  async write(data: WriteData, offset: number): Promise<void> {
     await this.delay();
     await this.inner.write(data, offset);
   }
@@ -146,8 +146,9 @@ test('tap: overlapping writes reach the store in arrival order even when the fir
   const order: number[] = [];
   const slowFirst: BackingStore = Object.create(inner) as BackingStore;
   slowFirst.write = async (data, offset) => {
-    if (data[0] === 1) await new Promise((resolve) => setTimeout(resolve, 30));
-    order.push(data[0]!);
+    const first = (Buffer.isBuffer(data) ? data : data[0]!)[0]!;
+    if (first === 1) await new Promise((resolve) => setTimeout(resolve, 30));
+    order.push(first);
     return inner.write(data, offset);
   };
   const tap = new Tap(slowFirst, { volume: 'v', consumer: { accept() {} } });

@@ -13,7 +13,7 @@
  * A mutation that the store fails is still delivered, as kind `failed`, so a
  * consumer knows that range's content is unknown and must be resynchronised.
  */
-import type { BackingStore, Extent, ZeroOptions } from './backing-store.js';
+import { writeDataLength, type BackingStore, type Extent, type WriteData, type ZeroOptions } from './backing-store.js';
 
 export type TapEventKind = 'write' | 'zero' | 'trim' | 'failed';
 
@@ -27,11 +27,12 @@ export interface TapEvent {
   lengthBytes: number;
   kind: TapEventKind;
   /**
-   * The written bytes, for kind `write`. This is the buffer the NBD request
-   * arrived in, not a copy: a consumer must not modify it, and must copy it if it
-   * keeps it beyond a bounded time.
+   * The written bytes, for kind `write`: one buffer or several chunks back to
+   * back. These are the buffers the NBD request arrived in, not a copy: a
+   * consumer must not modify them, and must copy them if it keeps them beyond
+   * a bounded time.
    */
-  data?: Buffer;
+  data?: WriteData;
 }
 
 export interface TapConsumer {
@@ -91,8 +92,8 @@ export class Tap implements BackingStore {
     return this.inner.read(target, offset);
   }
 
-  write(data: Buffer, offset: number): Promise<void> {
-    return this.mutate('write', offset, data.length, data, () => this.inner.write(data, offset));
+  write(data: WriteData, offset: number): Promise<void> {
+    return this.mutate('write', offset, writeDataLength(data), data, () => this.inner.write(data, offset));
   }
 
   writeZeroes(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
@@ -123,7 +124,7 @@ export class Tap implements BackingStore {
     kind: TapEventKind,
     offset: number,
     lengthBytes: number,
-    data: Buffer | undefined,
+    data: WriteData | undefined,
     apply: () => Promise<void>,
   ): Promise<void> {
     const sequence = ++this.sequenceLast;
