@@ -408,6 +408,7 @@ class Connection {
           // destroy(): replies to earlier options may still be queued (always so under TLS).
           this.socket.end();
           this.phase = 'closing';
+          this.resumeReading();
           return true;
         }
         this.selectExport(config, false);
@@ -423,6 +424,8 @@ class Connection {
         this.send(P.optionReply(option, P.REP_ACK));
         this.socket.end();
         this.phase = 'closing';
+        // Read on (onData drops it) so the client's close is seen even if a flood paused reading.
+        this.resumeReading();
         return true;
       case P.OPT_LIST: {
         if (data.length !== 0) return this.optionError(option, P.REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
