@@ -3,6 +3,7 @@
  */
 import { runNbdServe } from './nbd-serve.js';
 import { runDemo } from './demo.js';
+import { runJournal } from './journal.js';
 import { UsageError } from './usage-error.js';
 
 const usage = `Usage: lifeline <command> [options]
@@ -11,6 +12,8 @@ Commands:
   demo            serve a fresh volume over NBD with the tap on and show, live,
                   the writes it intercepts (a built-in workload writes to it)
   nbd serve       serve raw image files over NBD through the tap
+  journal inspect|verify DIR
+                  list a journal's units, streams and checkpoints, or check every record
   help            show this text
 
 Run 'lifeline <command> --help' for a command's options.`;
@@ -25,6 +28,8 @@ export async function main(argv: string[]): Promise<number> {
           return Number(process.exitCode ?? 0);
         }
         throw new UsageError(`Unknown 'nbd' subcommand '${rest[0] ?? ''}': try 'lifeline nbd serve --help'`);
+      case 'journal':
+        return await runJournal(rest);
       case 'demo':
         await runDemo(rest);
         return Number(process.exitCode ?? 0);

@@ -1,0 +1,64 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { lifelineBin, makeTempDir, run } from '../../test/helpers.js';
+import { FileBackingStore } from '../tap/backing-store.js';
+import { Journal } from '../journal/journal.js';
+import { JournalPool } from '../journal/pool.js';
+import { nodeFileSystem } from '../journal/file-system.js';
+
+test('journal inspect lists units, streams and checkpoints; verify passes a sound journal and names the unit and offset of damage', async () => {
+  const dir = makeTempDir('lifeline-journal-cli-');
+  try {
+    fs.mkdirSync(path.join(dir, 'datastore'));
+    const replica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false, createSizeBytes: 1 << 20 });
+    const pool = new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]);
+    const journal = await Journal.open({
+      name: 'group1',
+      directory: path.join(dir, 'meta'),
+      fileSystem: nodeFileSystem,
+      pool,
+      replicas: new Map([[1, replica]]),
+      unitBytes: 65536,
+      historyMs: 3_600_000,
+      sizeLimitBytes: 1 << 24,
+      sizeWarningBytes: 1 << 23,
+    });
+    let timeMs = Date.now();
+    for (let sequence = 1; sequence <= 40; sequence++) {
+      await journal.append([
+        { kind: 'write', stream: 0, sequence, timeMs: timeMs++, volume: 1, offset: sequence * 4096, data: Buffer.alloc(4096, sequence) },
+        { kind: 'zero', stream: 1, sequence, timeMs: timeMs++, volume: 1, offset: 0, lengthBytes: 512 },
+      ]);
+    }
+    const checkpoint = { id: 'cp-1', kind: 'tagged', name: 'nightly', streams: [0, 1] };
+    await journal.append([
+      { kind: 'checkpoint', stream: 0, sequence: 41, timeMs, volume: 0, offset: 0, checkpoint },
+      { kind: 'checkpoint', stream: 1, sequence: 41, timeMs, volume: 0, offset: 0, checkpoint },
+    ]);
+    await journal.close();
+    await replica.close();
+    const metaDir = path.join(dir, 'meta');
+    const inspect = await run(lifelineBin, ['journal', 'inspect', metaDir], { timeoutMs: 30_000 });
+    assert.match(inspect.stdout, /stream 0: sequences 1\.\.41 \(41 records\)/);
+    assert.match(inspect.stdout, /stream 1: sequences 1\.\.41/);
+    assert.match(inspect.stdout, /cp-1 {2}tagged 'nightly' .* complete/);
+    assert.match(inspect.stdout, /units \(\d+\):/);
+    const json = JSON.parse((await run(lifelineBin, ['journal', 'inspect', '--json', metaDir], { timeoutMs: 30_000 })).stdout);
+    assert.equal(json.lsnLast, 82);
+    const verify = await run(lifelineBin, ['journal', 'verify', metaDir], { timeoutMs: 30_000 });
+    assert.match(verify.stdout, /^ok: 82 records in \d+ units verified/);
+    // Flip one byte in the data of a record in the first unit.
+    const unitPath = json.units[0].path as string;
+    const bytes = fs.readFileSync(unitPath);
+    const recordBytes = 64 + 4096 + 64;
+    bytes[5 * recordBytes + 64 + 100]! ^= 0xff;
+    fs.writeFileSync(unitPath, bytes);
+    const damaged = await run(lifelineBin, ['journal', 'verify', metaDir], { timeoutMs: 30_000, allowFailure: true });
+    assert.equal(damaged.code, 1);
+    assert.match(damaged.stderr, new RegExp(`damaged record in unit ${json.units[0].unit} at offset ${5 * recordBytes}: checksum mismatch`));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -1,0 +1,865 @@
+/**
+ * The journal of one protection group at the target site: durable ordered
+ * history in storage units from a pool, promotion of aged writes to the
+ * replicas, limits and alerts, checkpoints, and recovery views.
+ *
+ * Concurrency. Appends are validated at once and queued; one commit loop
+ * writes the queued batches as a group (one write per unit touched, one sync
+ * per unit) and acknowledges them after the sync. Promotion runs one step at a
+ * time behind its own queue, reading only durable records, so it never waits
+ * for appends and appends wait for it only when the hard limit needs room.
+ */
+import * as path from 'node:path';
+import type { BackingStore } from '../tap/backing-store.js';
+import { systemClock, type Clock } from '../tap/tap.js';
+import {
+  DuplicateSequenceError,
+  InvalidRecordError,
+  JournalDamagedError,
+  JournalFailedError,
+  RecoveryPointUnavailableError,
+  SequenceGapError,
+  DatastoreFullError,
+} from './errors.js';
+import type { JournalFile, JournalFileSystem } from './file-system.js';
+import { readMetadata, writeMetadata, type JournalMetadata } from './metadata.js';
+import type { JournalPool, PoolUnit } from './pool.js';
+import { RecordIndex } from './record-index.js';
+import {
+  decodeHeader,
+  decodeMarker,
+  encodeHeaderAt,
+  encodeMarker,
+  recordDataBytes,
+  recordHeaderBytes,
+  RecordKind,
+  type CheckpointMarker,
+  type RecordKindName,
+} from './record.js';
+import { scanUnits } from './scan.js';
+import { RecoveryView, type ViewHost } from './view.js';
+
+/** Streams and volumes are 16-bit in the index. */
+export const streamIdMax = 0xffff;
+export const volumeIdMax = 0xffff;
+/** Records promoted per metadata step (each step is restartable on its own). */
+export const promoteStepRecordsMax = 4096;
+/** Fractions of the configured history under which the history alerts are raised. */
+export const historyWarningRatio = 0.85;
+export const historyErrorRatio = 0.75;
+/** The hard limit must leave room for at least this many units (oldest, current, spare, one more). */
+export const sizeLimitUnitsMin = 4;
+
+export interface AppendRecord {
+  kind: RecordKindName;
+  stream: number;
+  sequence: number;
+  /** Source time, ms since the epoch. */
+  timeMs: number;
+  volume: number;
+  offset: number;
+  /** Range length for zero and trim; for writes, the data's length. */
+  lengthBytes?: number;
+  data?: Buffer;
+  checkpoint?: CheckpointMarker;
+}
+
+export interface JournalOptions {
+  name: string;
+  /** Where the metadata lives (and view scratch files). */
+  directory: string;
+  fileSystem: JournalFileSystem;
+  pool: JournalPool;
+  /** Replica volumes by volume id. */
+  replicas: ReadonlyMap<number, BackingStore>;
+  clock?: Clock;
+  unitBytes: number;
+  historyMs: number;
+  sizeLimitBytes: number;
+  sizeWarningBytes: number;
+}
+
+export type JournalAlertCondition = 'size-warning' | 'history-warning' | 'history-error';
+
+export interface JournalAlert {
+  condition: JournalAlertCondition;
+  message: string;
+}
+
+export type JournalEvent =
+  | { type: 'alert-raised'; alert: JournalAlert }
+  | { type: 'alert-cleared'; condition: JournalAlertCondition }
+  | { type: 'history-shortened'; oldestRecoverableMs: number; configuredHistoryMs: number; actualHistoryMs: number }
+  | { type: 'unit-taken'; unit: number; datastore: string }
+  | { type: 'unit-released'; unit: number; datastore: string }
+  | { type: 'view-invalidated'; view: string; reason: string }
+  | { type: 'tail-cut'; unit: number; position: number; reason: string };
+
+export interface JournalStatus {
+  name: string;
+  configuredHistoryMs: number;
+  actualHistoryMs: number;
+  oldestRecoverableMs: number;
+  sizeBytes: number;
+  sizeLimitBytes: number;
+  sizeWarningBytes: number;
+  units: number;
+  records: number;
+  durableLsn: number;
+  watermarkLsn: number;
+  streams: { stream: number; sequenceLast: number; sequencePromoted: number }[];
+  alerts: JournalAlert[];
+}
+
+export interface CheckpointInfo {
+  id: string;
+  kind: string;
+  name?: string;
+  streams: number[];
+  /** Source time of the newest of its markers. */
+  timeMs: number;
+  /** Every stream's marker is durable and none is promoted. */
+  recoverable: boolean;
+}
+
+export type ViewPoint = { timeMs: number } | { checkpoint: string };
+
+export interface OpenViewOptions {
+  volume: number;
+  at: ViewPoint;
+  /** Bytes the view's scratch file may hold. */
+  scratchBytesMax: number;
+  name?: string;
+}
+
+interface Unit extends PoolUnit {
+  file: JournalFile;
+  writtenBytes: number;
+  lastLsn: number;
+}
+
+interface QueuedRecord {
+  kind: number;
+  lsn: number;
+  stream: number;
+  sequence: number;
+  timeMs: number;
+  volume: number;
+  offset: number;
+  lengthBytes: number;
+  data: Buffer | undefined;
+}
+
+interface QueuedBatch {
+  records: QueuedRecord[];
+  bytes: number;
+  resolve(range: { lsnFirst: number; lsnLast: number }): void;
+  reject(error: unknown): void;
+}
+
+interface CheckpointState {
+  marker: CheckpointMarker;
+  markers: Map<number, { sequence: number; lsn: number; timeMs: number }>;
+}
+
+/** Lsn of a unit's first record when its header is sound, else undefined. */
+async function firstLsnOf(fileSystem: JournalFileSystem, filePath: string, unit: number): Promise<number | undefined> {
+  const file = await fileSystem.open(filePath, 'read');
+  try {
+    const raw = Buffer.alloc(recordHeaderBytes);
+    if ((await file.pread(raw, 0)) < recordHeaderBytes) return undefined;
+    const header = decodeHeader(raw);
+    return typeof header !== 'string' && header.unit === unit ? header.lsn : undefined;
+  } finally {
+    await file.close();
+  }
+}
+
+/** Buffers up to this size are copied into one staging buffer before writing (fewer iovecs; memcpy is cheap). */
+const coalesceBytesMax = 512;
+
+/** Joins runs of small buffers so that a group of small records is written from a few large buffers. */
+function coalesce(buffers: Buffer[]): Buffer[] {
+  const out: Buffer[] = [];
+  let run: Buffer[] = [];
+  let runBytes = 0;
+  const flush = (): void => {
+    if (run.length === 1) out.push(run[0]!);
+    else if (run.length > 1) out.push(Buffer.concat(run, runBytes));
+    run = [];
+    runBytes = 0;
+  };
+  for (const buffer of buffers) {
+    if (buffer.length > coalesceBytesMax) {
+      flush();
+      out.push(buffer);
+    } else {
+      run.push(buffer);
+      runBytes += buffer.length;
+      if (runBytes >= 8 * 1024 * 1024) flush();
+    }
+  }
+  flush();
+  return out;
+}
+
+export class Journal {
+  readonly name: string;
+  readonly unitBytes: number;
+  readonly historyMs: number;
+  readonly sizeLimitBytes: number;
+  readonly sizeWarningBytes: number;
+  private readonly fileSystem: JournalFileSystem;
+  private readonly pool: JournalPool;
+  private readonly directory: string;
+  private readonly replicas: ReadonlyMap<number, BackingStore>;
+  private readonly clock: Clock;
+  private meta: JournalMetadata;
+  readonly index: RecordIndex;
+  private readonly units: Unit[] = [];
+  private readonly unitByNumber = new Map<number, Unit>();
+  private spare: Promise<Unit> | undefined;
+  private durableLsn: number;
+  private queuedLsn: number;
+  private readonly streamsDurable = new Map<number, number>();
+  private readonly streamsQueued = new Map<number, number>();
+  private readonly queue: QueuedBatch[] = [];
+  private committing = false;
+  private failure: JournalFailedError | undefined;
+  private promotion: Promise<void> = Promise.resolve();
+  private readonly views = new Set<RecoveryView>();
+  private viewNext = 1;
+  /** View reads in progress: units are not released under them. */
+  viewReadsInFlight = 0;
+  private readonly checkpointStates = new Map<string, CheckpointState>();
+  private readonly listeners = new Set<(event: JournalEvent) => void>();
+  private readonly activeAlerts = new Map<JournalAlertCondition, JournalAlert>();
+  private closed = false;
+  /** What open found and did (for the caller's log). */
+  readonly openReport: { recordsScanned: number; cut?: { unit: number; position: number; reason: string }; promotionResumed: boolean; unitsDiscarded: number } = {
+    recordsScanned: 0,
+    promotionResumed: false,
+    unitsDiscarded: 0,
+  };
+
+  private constructor(options: JournalOptions, meta: JournalMetadata) {
+    this.name = options.name;
+    this.unitBytes = options.unitBytes;
+    this.historyMs = options.historyMs;
+    this.sizeLimitBytes = options.sizeLimitBytes;
+    this.sizeWarningBytes = options.sizeWarningBytes;
+    this.fileSystem = options.fileSystem;
+    this.pool = options.pool;
+    this.directory = options.directory;
+    this.replicas = options.replicas;
+    this.clock = options.clock ?? systemClock;
+    this.meta = meta;
+    this.index = new RecordIndex(meta.watermarkLsn + 1);
+    this.durableLsn = meta.watermarkLsn;
+    this.queuedLsn = meta.watermarkLsn;
+  }
+
+  /** Opens (or creates) a journal, recovering from a crash: scan, cut the torn tail, rebuild the index, finish promotion. */
+  static async open(options: JournalOptions): Promise<Journal> {
+    const { unitBytes, sizeLimitBytes, sizeWarningBytes } = options;
+    if (!(unitBytes >= 4096 && unitBytes <= 0xffff_ffff)) throw new Error(`Cannot open journal '${options.name}' as its unit size ${unitBytes} is outside 4 KiB..4 GiB`);
+    if (sizeLimitBytes < sizeLimitUnitsMin * unitBytes) {
+      throw new Error(`Cannot open journal '${options.name}' as its hard limit ${sizeLimitBytes} is below ${sizeLimitUnitsMin} units of ${unitBytes} bytes`);
+    }
+    if (sizeWarningBytes > sizeLimitBytes) throw new Error(`Cannot open journal '${options.name}' as its warning threshold is above its hard limit`);
+    for (const [volume] of options.replicas) if (volume > volumeIdMax) throw new Error(`Cannot open journal '${options.name}' as volume id ${volume} is above ${volumeIdMax}`);
+    await options.fileSystem.mkdir(options.directory);
+    let meta = await readMetadata(options.fileSystem, options.directory);
+    if (!meta) {
+      meta = {
+        version: 1,
+        name: options.name,
+        createdMs: (options.clock ?? systemClock).nowMs(),
+        unitBytes,
+        unitDirectories: options.pool.unitDirectories(options.name),
+        generation: 0,
+        watermarkLsn: 0,
+        promotingToLsn: 0,
+        unitFirst: 1,
+        promotedTimeMsMax: 0,
+        streamsPromoted: {},
+        historyShortenedMs: 0,
+      };
+    } else if (meta.unitBytes !== unitBytes) {
+      throw new Error(`Cannot open journal '${options.name}' with unit size ${unitBytes} as it was created with ${meta.unitBytes}`);
+    }
+    const journal = new Journal(options, meta);
+    await journal.recover();
+    return journal;
+  }
+
+  private async recover(): Promise<void> {
+    const meta = this.meta;
+    // Scratch files of views open at a crash are thrown away, as a closed view's would be.
+    for (const name of await this.fileSystem.readdir(this.directory)) {
+      if (name.startsWith('scratch-') && name.endsWith('.tmp')) await this.fileSystem.unlink(path.join(this.directory, name));
+    }
+    const found = await this.pool.discover(this.name, this.unitBytes);
+    // Units below unitFirst were released before the crash; their removal may not have reached the disk.
+    const stale = found.filter((unit) => unit.number < meta.unitFirst);
+    const live = found.filter((unit) => unit.number >= meta.unitFirst);
+    for (const unit of stale) await this.pool.giveBack(this.name, unit, this.unitBytes);
+    for (let at = 1; at < live.length; at++) {
+      if (live[at]!.number !== live[at - 1]!.number + 1) throw new JournalDamagedError(this.name, `unit ${live[at - 1]!.number + 1} is missing`);
+    }
+    for (const [stream, sequence] of Object.entries(meta.streamsPromoted)) this.streamsDurable.set(Number(stream), sequence);
+    const scan = await scanUnits({
+      fileSystem: this.fileSystem,
+      units: live,
+      unitBytes: this.unitBytes,
+      generationMin: 0,
+      onRecord: (header, unit, position, data) => {
+        if (header.lsn <= meta.watermarkLsn) {
+          // Promoted but still in a unit not yet released: not indexed.
+          return;
+        }
+        if (header.lsn !== this.index.lastLsn + 1) {
+          throw new JournalDamagedError(this.name, `record ${this.index.lastLsn + 1} is missing (found ${header.lsn} in unit ${unit} at ${position})`);
+        }
+        this.index.add(header, unit, position);
+        this.streamsDurable.set(header.stream, header.sequence);
+        if (header.kind === RecordKind.checkpoint && data) this.noteMarker(header.stream, header.sequence, header.lsn, header.timeMs, data);
+      },
+    });
+    this.openReport.recordsScanned = scan.units.reduce((sum, unit) => sum + unit.records, 0);
+    const firstScanned = scan.units.find((unit) => unit.records > 0);
+    if (firstScanned && firstScanned.firstLsn > meta.watermarkLsn + 1) {
+      throw new JournalDamagedError(this.name, `records ${meta.watermarkLsn + 1}..${firstScanned.firstLsn - 1} are missing (watermark ${meta.watermarkLsn})`);
+    }
+    if (meta.promotingToLsn > Math.max(scan.lsnLast, meta.watermarkLsn)) {
+      throw new JournalDamagedError(this.name, `promotion was under way to lsn ${meta.promotingToLsn} but the log ends at ${scan.lsnLast}`);
+    }
+    this.durableLsn = this.queuedLsn = Math.max(scan.lsnLast, meta.watermarkLsn);
+    for (const [stream, sequence] of this.streamsDurable) this.streamsQueued.set(stream, sequence);
+    const last = scan.units[scan.units.length - 1];
+    if (last && scan.endIsDamage) {
+      this.openReport.cut = { unit: last.number, position: last.endPosition, reason: last.stopReason };
+      this.emit({ type: 'tail-cut', unit: last.number, position: last.endPosition, reason: last.stopReason });
+    }
+    // A group touches at most two units, and a group starts only after the previous one is synced:
+    // records two or more units past a damaged record were acknowledged after it, so the damage is
+    // not a torn tail, and cutting there would drop acknowledged records.
+    if (last && scan.endIsDamage) {
+      for (const beyond of scan.unitsBeyond.filter((unit) => unit.number >= last.number + 2)) {
+        const lsn = await firstLsnOf(this.fileSystem, beyond.path, beyond.number);
+        if (lsn !== undefined && lsn > scan.lsnLast) {
+          throw new JournalDamagedError(
+            this.name,
+            `the record in unit ${last.number} at offset ${last.endPosition} is damaged (${last.stopReason}) but unit ${beyond.number} holds later records from lsn ${lsn}; run 'lifeline journal verify' and restore the unit before opening`,
+          );
+        }
+      }
+    }
+    // Units past the end of the log hold nothing acknowledged.
+    for (const beyond of scan.unitsBeyond) {
+      const unit = live.find((candidate) => candidate.number === beyond.number)!;
+      await this.pool.giveBack(this.name, unit, this.unitBytes);
+      this.openReport.unitsDiscarded++;
+    }
+    for (const scanned of scan.units) {
+      const unit: Unit = {
+        number: scanned.number,
+        path: scanned.path,
+        datastore: live.find((candidate) => candidate.number === scanned.number)!.datastore,
+        file: await this.fileSystem.open(scanned.path, 'write'),
+        writtenBytes: scanned.endPosition,
+        lastLsn: scanned.records > 0 ? scanned.lastLsn : 0,
+      };
+      this.units.push(unit);
+      this.unitByNumber.set(unit.number, unit);
+    }
+    // A new generation makes any record left past the cut stale for good.
+    meta.generation = Math.max(meta.generation, scan.generationLast) + 1;
+    meta.unitDirectories = this.pool.unitDirectories(this.name);
+    if (meta.promotingToLsn > meta.watermarkLsn) {
+      this.openReport.promotionResumed = true;
+      await this.promoteStep(meta.promotingToLsn, false);
+    }
+    await this.persist();
+    if (this.units.length === 0) {
+      const first = await this.allocateUnit(Math.max(meta.unitFirst, 1));
+      this.units.push(first);
+    }
+    this.startSpare();
+  }
+
+  on(listener: (event: JournalEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  private emit(event: JournalEvent): void {
+    for (const listener of this.listeners) listener(event);
+  }
+
+  private persist(): Promise<void> {
+    return writeMetadata(this.fileSystem, this.directory, this.meta);
+  }
+
+  // ---- units -------------------------------------------------------------
+
+  private async allocateUnit(number: number): Promise<Unit> {
+    const { unit, file } = await this.pool.take(this.name, number, this.unitBytes);
+    const live: Unit = { ...unit, file, writtenBytes: 0, lastLsn: 0 };
+    this.unitByNumber.set(number, live);
+    this.emit({ type: 'unit-taken', unit: number, datastore: unit.datastore });
+    return live;
+  }
+
+  /** Takes the next unit in the background, making room under the hard limit first. */
+  private startSpare(): void {
+    const number = this.units[this.units.length - 1]!.number + 1;
+    const spare = (async () => {
+      await this.makeRoom();
+      return this.allocateUnit(number);
+    })();
+    spare.catch(() => {});
+    this.spare = spare;
+  }
+
+  private async takeSpare(): Promise<Unit> {
+    if (!this.spare) this.startSpare();
+    const spare = this.spare!;
+    this.spare = undefined;
+    const unit = await spare;
+    this.units.push(unit);
+    this.startSpare();
+    return unit;
+  }
+
+  /** Promotes the oldest units early while one more unit would pass the hard limit. */
+  private async makeRoom(): Promise<void> {
+    while ((this.units.length + 1) * this.unitBytes > this.sizeLimitBytes) {
+      const oldest = this.units[0]!;
+      if (this.units.length < 3 || oldest.lastLsn === 0) throw new Error('assertion: hard limit reached with fewer than three units');
+      const released = this.units.length;
+      await this.promote(oldest.lastLsn, { forced: true });
+      if (this.units.length === released) {
+        // A view read held the unit; let it finish and try again.
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+    }
+  }
+
+  // ---- append and group commit ---------------------------------------------
+
+  /** Appends a batch; resolves once it is durable (after its group's sync). */
+  append(records: readonly AppendRecord[]): Promise<{ lsnFirst: number; lsnLast: number }> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.closed) return Promise.reject(new Error(`Cannot append to journal '${this.name}' as it is closed`));
+    if (records.length === 0) return Promise.resolve({ lsnFirst: this.queuedLsn + 1, lsnLast: this.queuedLsn });
+    const batchBytesMax = Math.floor(this.unitBytes / 2);
+    const expected = new Map<number, number>();
+    const queued: QueuedRecord[] = [];
+    let bytes = 0;
+    try {
+      for (const record of records) {
+        const kind = RecordKind[record.kind];
+        if (kind === undefined) throw new InvalidRecordError(`Cannot append a record of unknown kind '${record.kind}'`);
+        if (!Number.isInteger(record.stream) || record.stream < 0 || record.stream > streamIdMax) throw new InvalidRecordError(`Cannot append a record of stream ${record.stream}: stream ids are 0..${streamIdMax}`);
+        const last = expected.get(record.stream) ?? this.streamsQueued.get(record.stream) ?? 0;
+        if (record.sequence > last + 1) throw new SequenceGapError(record.stream, last + 1, record.sequence);
+        if (record.sequence <= last) throw new DuplicateSequenceError(record.stream, last + 1, record.sequence);
+        expected.set(record.stream, record.sequence);
+        let data: Buffer | undefined;
+        let lengthBytes: number;
+        if (kind === RecordKind.checkpoint) {
+          if (!record.checkpoint) throw new InvalidRecordError('Cannot append a checkpoint marker without its checkpoint');
+          data = encodeMarker(record.checkpoint);
+          lengthBytes = data.length;
+        } else {
+          const replica = this.replicas.get(record.volume);
+          if (!replica) throw new InvalidRecordError(`Cannot append a record for volume ${record.volume} as the journal has no replica for it`);
+          if (kind === RecordKind.write) {
+            if (!record.data) throw new InvalidRecordError('Cannot append a write without data');
+            data = record.data;
+            lengthBytes = data.length;
+          } else lengthBytes = record.lengthBytes ?? -1;
+          if (!(Number.isInteger(record.offset) && record.offset >= 0 && lengthBytes > 0 && record.offset + lengthBytes <= replica.sizeBytes)) {
+            throw new InvalidRecordError(`Cannot append a ${record.kind} of ${lengthBytes} bytes at ${record.offset} to volume ${record.volume} of ${replica.sizeBytes} bytes`);
+          }
+        }
+        if (!(Number.isInteger(record.timeMs) && record.timeMs >= 0)) throw new InvalidRecordError(`Cannot append a record with source time ${record.timeMs}`);
+        bytes += recordHeaderBytes + recordDataBytes(kind, lengthBytes);
+        queued.push({ kind, lsn: 0, stream: record.stream, sequence: record.sequence, timeMs: record.timeMs, volume: kind === RecordKind.checkpoint ? 0 : record.volume, offset: kind === RecordKind.checkpoint ? 0 : record.offset, lengthBytes, data });
+      }
+      if (bytes > batchBytesMax) throw new InvalidRecordError(`Cannot append a batch of ${bytes} bytes: the limit is half a unit, ${batchBytesMax} bytes`);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    for (const record of queued) record.lsn = ++this.queuedLsn;
+    for (const [stream, sequence] of expected) this.streamsQueued.set(stream, sequence);
+    return new Promise((resolve, reject) => {
+      this.queue.push({ records: queued, bytes, resolve, reject });
+      if (!this.committing) void this.commitLoop();
+    });
+  }
+
+  private async commitLoop(): Promise<void> {
+    this.committing = true;
+    try {
+      while (this.queue.length > 0) {
+        const groupBytesMax = Math.floor(this.unitBytes / 2);
+        const group: QueuedBatch[] = [];
+        let bytes = 0;
+        while (this.queue.length > 0 && (group.length === 0 || bytes + this.queue[0]!.bytes <= groupBytesMax)) {
+          bytes += this.queue[0]!.bytes;
+          group.push(this.queue.shift()!);
+        }
+        try {
+          await this.writeGroup(group);
+        } catch (error) {
+          const rest = [...group, ...this.queue.splice(0)];
+          if (error instanceof DatastoreFullError) {
+            // Nothing of the group was written: forget the queued state and refuse every waiting batch.
+            this.queuedLsn = this.durableLsn;
+            this.streamsQueued.clear();
+            for (const [stream, sequence] of this.streamsDurable) this.streamsQueued.set(stream, sequence);
+            for (const batch of rest) batch.reject(error);
+          } else {
+            // After a failed write or sync the page cache cannot be trusted: stop until reopened.
+            this.failure = new JournalFailedError(this.name, error);
+            for (const batch of rest) batch.reject(this.failure);
+          }
+          return;
+        }
+        for (const batch of group) batch.resolve({ lsnFirst: batch.records[0]!.lsn, lsnLast: batch.records[batch.records.length - 1]!.lsn });
+      }
+    } finally {
+      this.committing = false;
+    }
+  }
+
+  private async writeGroup(group: QueuedBatch[]): Promise<void> {
+    let unit = this.units[this.units.length - 1]!;
+    const placed: { unit: Unit; position: number; buffers: Buffer[]; records: { record: QueuedRecord; position: number }[] }[] = [];
+    let target = { unit, position: unit.writtenBytes, buffers: [] as Buffer[], records: [] as { record: QueuedRecord; position: number }[] };
+    let position = unit.writtenBytes;
+    let recordCount = 0;
+    for (const batch of group) recordCount += batch.records.length;
+    const headers = Buffer.allocUnsafe(recordCount * recordHeaderBytes);
+    let headerAt = 0;
+    for (const batch of group) {
+      for (const record of batch.records) {
+        const size = recordHeaderBytes + recordDataBytes(record.kind, record.lengthBytes);
+        if (position + size > this.unitBytes) {
+          if (target.buffers.length > 0) placed.push(target);
+          unit = await this.takeSpare();
+          position = 0;
+          target = { unit, position: 0, buffers: [], records: [] };
+        }
+        encodeHeaderAt(headers, headerAt, record, unit.number, this.meta.generation, record.data);
+        target.buffers.push(headers.subarray(headerAt, headerAt + recordHeaderBytes));
+        headerAt += recordHeaderBytes;
+        if (record.data) target.buffers.push(record.data);
+        target.records.push({ record, position });
+        position += size;
+      }
+    }
+    if (target.buffers.length > 0) placed.push(target);
+    for (const part of placed) part.buffers = coalesce(part.buffers);
+    await Promise.all(placed.map((part) => part.unit.file.pwrite(part.buffers, part.position)));
+    await Promise.all(placed.map((part) => part.unit.file.fsync()));
+    for (const part of placed) {
+      for (const { record, position: at } of part.records) {
+        this.index.add(record, part.unit.number, at);
+        this.streamsDurable.set(record.stream, record.sequence);
+        if (record.kind === RecordKind.checkpoint) this.noteMarker(record.stream, record.sequence, record.lsn, record.timeMs, record.data!);
+        part.unit.lastLsn = record.lsn;
+        part.unit.writtenBytes = at + recordHeaderBytes + recordDataBytes(record.kind, record.lengthBytes);
+      }
+    }
+    this.durableLsn = group[group.length - 1]!.records[group[group.length - 1]!.records.length - 1]!.lsn;
+    this.evaluateAlerts();
+  }
+
+  // ---- checkpoints -----------------------------------------------------------
+
+  private noteMarker(stream: number, sequence: number, lsn: number, timeMs: number, data: Buffer): void {
+    const marker = decodeMarker(data);
+    let state = this.checkpointStates.get(marker.id);
+    if (!state) {
+      state = { marker, markers: new Map() };
+      this.checkpointStates.set(marker.id, state);
+    }
+    state.markers.set(stream, { sequence, lsn, timeMs });
+  }
+
+  /** Checkpoints whose markers are in the journal, oldest first. */
+  checkpoints(): CheckpointInfo[] {
+    const out: CheckpointInfo[] = [];
+    for (const [id, state] of this.checkpointStates) {
+      let timeMs = 0;
+      let complete = true;
+      let promoted = false;
+      for (const stream of state.marker.streams) {
+        const marker = state.markers.get(stream);
+        if (!marker) {
+          complete = false;
+          continue;
+        }
+        timeMs = Math.max(timeMs, marker.timeMs);
+        if (marker.lsn <= this.meta.watermarkLsn) promoted = true;
+      }
+      const info: CheckpointInfo = { id, kind: state.marker.kind, streams: state.marker.streams, timeMs, recoverable: complete && !promoted };
+      if (state.marker.name !== undefined) info.name = state.marker.name;
+      out.push(info);
+    }
+    return out.sort((a, b) => a.timeMs - b.timeMs);
+  }
+
+  // ---- promotion ---------------------------------------------------------------
+
+  /** Promotes aged records and re-evaluates alerts; the owner calls it on its own schedule. */
+  async tick(): Promise<void> {
+    const cutoffMs = this.clock.nowMs() - this.historyMs;
+    let target = this.meta.watermarkLsn;
+    for (let lsn = Math.max(target + 1, this.index.baseLsn); lsn <= this.durableLsn; lsn++) {
+      const { chunk, at } = this.index.locate(lsn);
+      if (chunk.timeMs[at]! >= cutoffMs) break;
+      target = lsn;
+    }
+    if (target > this.meta.watermarkLsn) await this.promote(target, { forced: false });
+    this.evaluateAlerts();
+  }
+
+  /**
+   * Promotes records through `lsn`. Unforced promotion stops where an open view
+   * needs the replica unchanged; forced promotion (the hard limit) goes on and
+   * invalidates such views.
+   */
+  promote(lsn: number, options: { forced: boolean }): Promise<void> {
+    const run = this.promotion.then(() => this.promoteNow(lsn, options.forced));
+    this.promotion = run.catch(() => {});
+    return run;
+  }
+
+  private async promoteNow(lsnTarget: number, forced: boolean): Promise<void> {
+    if (this.failure) throw this.failure;
+    let target = Math.min(lsnTarget, this.durableLsn);
+    for (const view of this.views) {
+      if (view.capLsn >= target) continue;
+      if (forced) {
+        const reason = `the hard size limit promoted the journal to lsn ${target}, past the view's point`;
+        view.invalidate(reason);
+        this.emit({ type: 'view-invalidated', view: view.name, reason });
+      } else target = Math.min(target, view.capLsn);
+    }
+    while (this.meta.watermarkLsn < target) {
+      const stepEnd = Math.min(target, this.meta.watermarkLsn + promoteStepRecordsMax);
+      this.meta.promotingToLsn = stepEnd;
+      await this.persist();
+      await this.promoteStep(stepEnd, forced);
+      await this.persist();
+      await this.releaseUnits();
+    }
+    // Units held back by a view read last time go now.
+    await this.releaseUnits();
+  }
+
+  /** Applies records (watermark, end] to the replicas, flushes them and moves the watermark (in memory). */
+  private async promoteStep(end: number, forced: boolean): Promise<void> {
+    const meta = this.meta;
+    const touched = new Set<BackingStore>();
+    for (let lsn = meta.watermarkLsn + 1; lsn <= end; lsn++) {
+      if (!this.index.has(lsn)) throw new JournalDamagedError(this.name, `record ${lsn} to promote is not in the journal`);
+      const entry = this.index.get(lsn);
+      const replica = this.replicas.get(entry.volume);
+      if (entry.kind !== RecordKind.checkpoint) {
+        if (!replica) throw new JournalDamagedError(this.name, `record ${lsn} is for volume ${entry.volume}, which has no replica`);
+        touched.add(replica);
+        if (entry.kind === RecordKind.write) {
+          const data = Buffer.allocUnsafe(entry.lengthBytes);
+          await this.readRecordData(entry.unit, entry.position, 0, data);
+          await replica.write(data, entry.offset);
+        } else if (entry.kind === RecordKind.zero) {
+          await replica.writeZeroes(entry.offset, entry.lengthBytes, { mayDeallocate: false, fastOnly: false });
+        } else {
+          await replica.trim(entry.offset, entry.lengthBytes);
+        }
+      }
+      meta.streamsPromoted[entry.stream] = entry.sequence;
+      meta.promotedTimeMsMax = Math.max(meta.promotedTimeMsMax, entry.timeMs);
+    }
+    for (const replica of touched) await replica.flush();
+    meta.watermarkLsn = end;
+    meta.promotingToLsn = 0;
+    if (forced) {
+      meta.historyShortenedMs = this.clock.nowMs();
+      const status = this.status();
+      this.emit({ type: 'history-shortened', oldestRecoverableMs: status.oldestRecoverableMs, configuredHistoryMs: this.historyMs, actualHistoryMs: status.actualHistoryMs });
+    }
+    this.index.dropThrough(end);
+  }
+
+  /** Gives back units whose records are all promoted (never the current one, nor under a view read). */
+  private async releaseUnits(): Promise<void> {
+    let count = 0;
+    while (count < this.units.length - 1 && this.units[count]!.lastLsn <= this.meta.watermarkLsn && this.viewReadsInFlight === 0) count++;
+    if (count === 0) return;
+    const released = this.units.splice(0, count);
+    this.meta.unitFirst = this.units[0]!.number;
+    await this.persist();
+    for (const unit of released) {
+      this.unitByNumber.delete(unit.number);
+      await unit.file.close();
+      await this.pool.giveBack(this.name, unit, this.unitBytes);
+      this.emit({ type: 'unit-released', unit: unit.number, datastore: unit.datastore });
+    }
+  }
+
+  /** Like `readRecordData`, from the page cache only and at once; false when it could not. */
+  readRecordDataCached(unitNumber: number, position: number, dataOffset: number, target: Buffer): boolean {
+    const unit = this.unitByNumber.get(unitNumber);
+    return unit?.file.preadCached?.(target, position + recordHeaderBytes + dataOffset) ?? false;
+  }
+
+  /** Reads `target.length` bytes of a record's data, from `dataOffset` into it. */
+  async readRecordData(unitNumber: number, position: number, dataOffset: number, target: Buffer): Promise<void> {
+    const unit = this.unitByNumber.get(unitNumber);
+    if (!unit) throw new Error(`assertion: unit ${unitNumber} is not held`);
+    const got = await unit.file.pread(target, position + recordHeaderBytes + dataOffset);
+    if (got !== target.length) throw new JournalDamagedError(this.name, `short read in unit ${unitNumber} at ${position}`);
+  }
+
+  // ---- status and alerts ------------------------------------------------------
+
+  get watermarkLsn(): number {
+    return this.meta.watermarkLsn;
+  }
+
+  get lsnDurable(): number {
+    return this.durableLsn;
+  }
+
+  get generation(): number {
+    return this.meta.generation;
+  }
+
+  streamPromoted(stream: number): number {
+    return this.meta.streamsPromoted[stream] ?? 0;
+  }
+
+  status(): JournalStatus {
+    const nowMs = this.clock.nowMs();
+    const oldestRecoverableMs = this.meta.watermarkLsn > 0 ? this.meta.promotedTimeMsMax : this.meta.createdMs;
+    const unitsHeld = this.units.length + (this.spareReady ? 1 : 0);
+    const streams = [...this.streamsDurable].sort((a, b) => a[0] - b[0]).map(([stream, sequenceLast]) => ({ stream, sequenceLast, sequencePromoted: this.streamPromoted(stream) }));
+    return {
+      name: this.name,
+      configuredHistoryMs: this.historyMs,
+      actualHistoryMs: Math.max(0, nowMs - oldestRecoverableMs),
+      oldestRecoverableMs,
+      sizeBytes: unitsHeld * this.unitBytes,
+      sizeLimitBytes: this.sizeLimitBytes,
+      sizeWarningBytes: this.sizeWarningBytes,
+      units: unitsHeld,
+      records: this.durableLsn - this.meta.watermarkLsn,
+      durableLsn: this.durableLsn,
+      watermarkLsn: this.meta.watermarkLsn,
+      streams,
+      alerts: [...this.activeAlerts.values()],
+    };
+  }
+
+  private get spareReady(): boolean {
+    return this.pool.usage().journals[this.name]!.units > this.units.length;
+  }
+
+  private evaluateAlerts(): void {
+    const status = this.status();
+    const conditions = new Map<JournalAlertCondition, string>();
+    if (status.sizeBytes > this.sizeWarningBytes) {
+      conditions.set('size-warning', `Journal '${this.name}' holds ${status.sizeBytes} bytes, over its warning threshold of ${this.sizeWarningBytes} (limit ${this.sizeLimitBytes})`);
+    }
+    const expectedMs = Math.min(this.historyMs, this.clock.nowMs() - this.meta.createdMs);
+    if (expectedMs > 0) {
+      const ratio = status.actualHistoryMs / expectedMs;
+      const text = `Journal '${this.name}' covers ${Math.round(status.actualHistoryMs / 1000)} s of history, ${Math.round(ratio * 100)} % of the ${Math.round(expectedMs / 1000)} s expected`;
+      if (ratio < historyErrorRatio) conditions.set('history-error', text);
+      else if (ratio < historyWarningRatio) conditions.set('history-warning', text);
+    }
+    for (const [condition, message] of conditions) {
+      if (!this.activeAlerts.has(condition)) {
+        const alert = { condition, message };
+        this.activeAlerts.set(condition, alert);
+        this.emit({ type: 'alert-raised', alert });
+      }
+    }
+    for (const condition of [...this.activeAlerts.keys()]) {
+      if (!conditions.has(condition)) {
+        this.activeAlerts.delete(condition);
+        this.emit({ type: 'alert-cleared', condition });
+      }
+    }
+  }
+
+  // ---- views -----------------------------------------------------------------------
+
+  /** Builds a recovery view of a volume from the index alone. */
+  async openView(options: OpenViewOptions): Promise<RecoveryView> {
+    const replica = this.replicas.get(options.volume);
+    if (!replica) throw new Error(`Cannot open a view of volume ${options.volume} as journal '${this.name}' has no replica for it`);
+    // Wait for a promotion step in progress, so the watermark does not move under the build.
+    await this.promotion;
+    const cut = new Float64Array(streamIdMax + 1);
+    let timeMs: number | undefined;
+    let what: string;
+    if ('checkpoint' in options.at) {
+      what = `checkpoint '${options.at.checkpoint}'`;
+      const state = this.checkpointStates.get(options.at.checkpoint);
+      const info = this.checkpoints().find((checkpoint) => checkpoint.id === (options.at as { checkpoint: string }).checkpoint);
+      if (!state || !info) throw new RecoveryPointUnavailableError(what, 'the journal holds no marker of it');
+      if (!info.recoverable) throw new RecoveryPointUnavailableError(what, 'not every stream has its marker durable, or it was promoted');
+      for (const [stream, sequence] of this.streamsDurable) cut[stream] = this.streamPromoted(stream);
+      for (const stream of state.marker.streams) cut[stream] = state.markers.get(stream)!.sequence - 1;
+      for (const [stream] of this.streamsDurable) {
+        if (cut[stream]! < this.streamPromoted(stream)) throw new RecoveryPointUnavailableError(what, `stream ${stream} was promoted past it`);
+      }
+    } else {
+      timeMs = options.at.timeMs;
+      what = `time ${new Date(timeMs).toISOString()}`;
+      const oldest = this.status().oldestRecoverableMs;
+      if (this.meta.watermarkLsn > 0 && timeMs < oldest) {
+        throw new RecoveryPointUnavailableError(what, `the oldest recoverable point is ${new Date(oldest).toISOString()}`);
+      }
+      cut.fill(Infinity);
+    }
+    const name = options.name ?? `${this.name}-view-${this.viewNext++}`;
+    if (!/^[A-Za-z0-9._-]{1,128}$/.test(name)) throw new Error(`Cannot open a view named '${name}': use 1 to 128 letters, digits, '.', '_' or '-'`);
+    if ([...this.views].some((view) => view.name === name)) throw new Error(`Cannot open a view named '${name}' as one with that name is open`);
+    const host: ViewHost = {
+      journal: this,
+      replica,
+      fileSystem: this.fileSystem,
+      scratchPath: path.join(this.directory, `scratch-${name}.tmp`),
+      closed: (view) => this.views.delete(view),
+    };
+    const view = await RecoveryView.build({ host, name, volume: options.volume, cut, timeMs, lsnLast: this.durableLsn, scratchBytesMax: options.scratchBytesMax });
+    this.views.add(view);
+    return view;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    while (this.committing) await new Promise((resolve) => setTimeout(resolve, 1));
+    await this.promotion;
+    for (const view of [...this.views]) await view.close();
+    const spare = this.spare;
+    this.spare = undefined;
+    if (spare) {
+      try {
+        this.units.push(await spare);
+      } catch {
+        // A spare that could not be taken leaves nothing to close.
+      }
+    }
+    for (const unit of this.units) await unit.file.close();
+  }
+}
