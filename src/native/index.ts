@@ -13,6 +13,8 @@ export interface NativeHelpers {
    * bytes read (0 at end of file), or -1 when nothing could be read without blocking.
    */
   readCached(fd: number, target: Uint8Array, position: number): number;
+  /** Sets SO_SNDBUF and SO_RCVBUF on a socket; returns the send buffer size granted. */
+  setSocketBuffers(fd: number, bytes: number): number;
   /** CRC-32C of the buffer, chained from `seed` (0 to start). */
   crc32c(data: Uint8Array, seed?: number): number;
   fallocate(fd: number, kind: 0 | 1, offset: number, lengthBytes: number, done: (error: Error | null) => void): void;

@@ -83,7 +83,7 @@ const cacheReadBytesMax = 1 << 20;
 export const syncWriteBytesMax = 64 * 1024;
 
 /** Reads up to this size try the page cache on the event loop first (see `read`). */
-export const cachedReadBytesMax = 4 * 1024 * 1024;
+export const cachedReadBytesMax = 64 * 1024;
 
 function writeAllSync(fd: number, data: Buffer, offset: number): void {
   let done = 0;
