@@ -58,6 +58,36 @@ test('journal inspect lists units, streams and checkpoints; verify passes a soun
     const damaged = await run(lifelineBin, ['journal', 'verify', metaDir], { timeoutMs: 30_000, allowFailure: true });
     assert.equal(damaged.code, 1);
     assert.match(damaged.stderr, new RegExp(`damaged record in unit ${json.units[0].unit} at offset ${5 * recordBytes}: checksum mismatch`));
+    // A bit flip that makes a record's lsn look older (a stale leftover) is damage too, not a clean end:
+    // verify must say so, and open must refuse rather than cut acknowledged records.
+    bytes[5 * recordBytes + 64 + 100]! ^= 0xff;
+    const lsnAt = 5 * recordBytes + 16;
+    assert.equal(bytes.readUInt32LE(lsnAt), 11);
+    bytes[lsnAt]! ^= 0x08;
+    fs.writeFileSync(unitPath, bytes);
+    const lsnFlip = await run(lifelineBin, ['journal', 'verify', metaDir], { timeoutMs: 30_000, allowFailure: true });
+    assert.equal(lsnFlip.code, 1, lsnFlip.stdout);
+    assert.match(lsnFlip.stderr, new RegExp(`unit ${json.units[0].unit} at offset ${5 * recordBytes}`));
+    const reopenReplica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false });
+    try {
+      await assert.rejects(
+        Journal.open({
+          name: 'group1',
+          directory: metaDir,
+          fileSystem: nodeFileSystem,
+          pool: new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]),
+          replicas: new Map([[1, reopenReplica]]),
+          unitBytes: 65536,
+          historyMs: 3_600_000,
+          sizeLimitBytes: 1 << 24,
+          sizeWarningBytes: 1 << 23,
+        }),
+        (error: Error) => error.name === 'JournalDamagedError' || error.constructor.name === 'JournalDamagedError',
+      );
+      assert.ok(fs.existsSync(json.units[json.units.length - 1].path), 'no unit holding acknowledged records was deleted');
+    } finally {
+      await reopenReplica.close();
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

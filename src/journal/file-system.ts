@@ -98,7 +98,14 @@ class NodeJournalFile implements JournalFile {
   async allocate(sizeBytes: number): Promise<void> {
     await this.handle.truncate(sizeBytes);
     // Reserve the blocks so that a full disk shows at allocation, not in the middle of a batch.
-    await new Promise<void>((resolve) => native.fallocate(this.handle.fd, 1, 0, sizeBytes, () => resolve()));
+    // A filesystem that cannot reserve leaves the unit sparse; any other failure (ENOSPC) is raised.
+    await new Promise<void>((resolve, reject) =>
+      native.fallocate(this.handle.fd, 2, 0, sizeBytes, (error) => {
+        const code = (error as { code?: string } | null)?.code;
+        if (error && code !== 'EOPNOTSUPP' && code !== 'ENOTSUP') reject(Object.assign(error, { path: this.path }));
+        else resolve();
+      }),
+    );
     await this.handle.sync();
   }
 

@@ -116,3 +116,32 @@ test('open refuses a journal whose damaged record is followed by acknowledged on
     return true;
   });
 });
+
+test('append() refuses a sequence that is not an integer from 1', async () => {
+  const { opened } = await fixture();
+  for (const sequence of [Number.NaN, 1.5, 0, -1, undefined as unknown as number]) {
+    await assert.rejects(opened.journal.append([write(0, sequence)]), InvalidRecordError, `sequence ${sequence}`);
+  }
+  await opened.journal.append([write(0, 1)]);
+  await assert.rejects(opened.journal.append([write(0, 100)]), SequenceGapError);
+  await closeTestJournal(opened);
+});
+
+test('a view opened in the same turn as tick() reads its own point in time, not a promoted later one', async () => {
+  const { clock, opened } = await fixture({ historyMs: 7_500 });
+  const { journal } = opened;
+  const start = clock.timeMs;
+  for (const [sequence, offsetMs, fill] of [[1, 1000, 0xaa], [2, 2000, 0xbb], [3, 3000, 0xcc]] as const) {
+    await journal.append([{ ...write(0, sequence, 0, fill), timeMs: start + offsetMs }]);
+  }
+  clock.timeMs = start + 10_000;
+  const viewOpening = journal.openView({ volume: 1, at: { timeMs: start + 1500 }, scratchBytesMax: 0 });
+  const ticking = journal.tick();
+  const view = await viewOpening;
+  await ticking;
+  const bytes = Buffer.alloc(512);
+  await view.read(bytes, 0);
+  assert.equal(bytes[0], 0xaa);
+  await view.close();
+  await closeTestJournal(opened);
+});

@@ -345,7 +345,9 @@ export class Journal {
     // records two or more units past a damaged record were acknowledged after it, so the damage is
     // not a torn tail, and cutting there would drop acknowledged records.
     if (last && scan.endIsDamage) {
-      for (const beyond of scan.unitsBeyond.filter((unit) => unit.number >= last.number + 2)) {
+      // A group is at most half a unit, so a group that reaches unit N+1 starts in unit N past its middle.
+      const nextMayShareGroup = last.endPosition > Math.floor(this.unitBytes / 2);
+      for (const beyond of scan.unitsBeyond.filter((unit) => unit.number >= last.number + (nextMayShareGroup ? 2 : 1))) {
         const lsn = await firstLsnOf(this.fileSystem, beyond.path, beyond.number);
         if (lsn !== undefined && lsn > scan.lsnLast) {
           throw new JournalDamagedError(
@@ -462,6 +464,7 @@ export class Journal {
         const kind = RecordKind[record.kind];
         if (kind === undefined) throw new InvalidRecordError(`Cannot append a record of unknown kind '${record.kind}'`);
         if (!Number.isInteger(record.stream) || record.stream < 0 || record.stream > streamIdMax) throw new InvalidRecordError(`Cannot append a record of stream ${record.stream}: stream ids are 0..${streamIdMax}`);
+        if (!Number.isSafeInteger(record.sequence) || record.sequence < 1) throw new InvalidRecordError(`Cannot append a record of stream ${record.stream} with sequence ${record.sequence}: sequences are integers from 1`);
         const last = expected.get(record.stream) ?? this.streamsQueued.get(record.stream) ?? 0;
         if (record.sequence > last + 1) throw new SequenceGapError(record.stream, last + 1, record.sequence);
         if (record.sequence <= last) throw new DuplicateSequenceError(record.stream, last + 1, record.sequence);
@@ -802,11 +805,16 @@ export class Journal {
   // ---- views -----------------------------------------------------------------------
 
   /** Builds a recovery view of a volume from the index alone. */
-  async openView(options: OpenViewOptions): Promise<RecoveryView> {
+  openView(options: OpenViewOptions): Promise<RecoveryView> {
+    // Built on the promotion queue: no promotion starts between reading the watermark and registering the view.
+    const opened = this.promotion.then(() => this.openViewNow(options));
+    this.promotion = opened.then(() => {}, () => {});
+    return opened;
+  }
+
+  private async openViewNow(options: OpenViewOptions): Promise<RecoveryView> {
     const replica = this.replicas.get(options.volume);
     if (!replica) throw new Error(`Cannot open a view of volume ${options.volume} as journal '${this.name}' has no replica for it`);
-    // Wait for a promotion step in progress, so the watermark does not move under the build.
-    await this.promotion;
     const cut = new Float64Array(streamIdMax + 1);
     let timeMs: number | undefined;
     let what: string;

@@ -72,6 +72,8 @@ export class JournalPool {
   async discover(journal: string, unitBytes: number): Promise<PoolUnit[]> {
     const found: PoolUnit[] = [];
     for (const datastore of this.datastores) {
+      // Counted afresh: a journal reopened with the same pool must not be counted twice.
+      this.books.get(datastore.path)!.delete(journal);
       const directory = path.join(datastore.path, journal);
       for (const name of await this.fileSystem.readdir(directory)) {
         const number = parseUnitFileName(name);
@@ -113,12 +115,21 @@ export class JournalPool {
         await this.fileSystem.mkdir(directory);
         const unitPath = path.join(directory, unitFileName(number));
         const file = await this.fileSystem.open(unitPath, 'create');
-        await file.allocate(unitBytes);
+        try {
+          await file.allocate(unitBytes);
+        } catch (error) {
+          await file.close().catch(() => {});
+          throw error;
+        }
         await this.fileSystem.fsyncDirectory(directory);
         return { unit: { number, path: unitPath, datastore: datastore.path }, file };
       } catch (error) {
         this.count(datastore.path, journal, unitBytes, -1);
-        throw error;
+        if ((error as { code?: string }).code !== 'ENOSPC') throw error;
+        // The filesystem could not reserve the unit: this datastore is full; try the next.
+        await this.fileSystem.unlink(path.join(datastore.path, journal, unitFileName(number))).catch(() => {});
+        reasons.push(`${datastore.path} has no room for a unit of ${unitBytes} bytes (ENOSPC)`);
+        continue;
       }
     }
     throw new DatastoreFullError(journal, unitBytes, reasons);

@@ -107,7 +107,15 @@ export async function scanUnits(options: ScanOptions): Promise<ScanResult> {
         if (problem) {
           unit.stopReason = problem;
           // A stale record from before a cut, or from a released unit, is a clean end; anything else is damage.
-          endIsDamage = !(header.generation < generation || (lsnExpected !== undefined && header.lsn < lsnExpected));
+          // Only a whole record (CRC good) can be stale: a bit flip in lsn or generation is damage.
+          const stale = header.generation < generation || (lsnExpected !== undefined && header.lsn < lsnExpected);
+          let whole = false;
+          if (stale) {
+            const staleBytes = recordDataBytes(header.kind, header.lengthBytes);
+            const staleData = staleBytes > 0 && position + recordHeaderBytes + staleBytes <= unitBytes ? await cursor.reader.read(position + recordHeaderBytes, staleBytes) : undefined;
+            whole = (staleBytes === 0 || staleData !== undefined) && checkRecord(Buffer.from(raw), staleData);
+          }
+          endIsDamage = !(stale && whole);
           break;
         }
         const headerCopy = Buffer.from(raw);

@@ -116,7 +116,8 @@ static void fallocate_complete(napi_env env, napi_status status, void *data) {
 }
 
 /* fallocate(fd, kind, offset, length, callback) where kind 0 punches a hole
- * (keeping the size) and kind 1 zeroes a range (keeping the size). */
+ * (keeping the size), kind 1 zeroes a range (keeping the size) and kind 2
+ * reserves the range's blocks. */
 static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   size_t argc = 5;
   napi_value argv[5];
@@ -131,8 +132,9 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   CHECK(napi_get_value_int32(env, argv[1], &kind));
   CHECK(napi_get_value_int64(env, argv[2], &job->offset));
   CHECK(napi_get_value_int64(env, argv[3], &job->length));
-  job->mode = FALLOC_FL_KEEP_SIZE | (kind == 0 ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
-  if (kind == 1) job->mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+  job->mode = kind == 0   ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+              : kind == 1 ? FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+                          : 0; /* kind 2: reserve blocks (and extend) */
   CHECK(napi_create_reference(env, argv[4], 1, &job->callback));
   napi_value name;
   CHECK(napi_create_string_utf8(env, "lifeline:fallocate", NAPI_AUTO_LENGTH, &name));
