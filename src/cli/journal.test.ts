@@ -92,3 +92,43 @@ test('journal inspect lists units, streams and checkpoints; verify passes a soun
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('after a torn tail is cut and a shorter record written over it, journal verify finds a sound journal', async () => {
+  const dir = makeTempDir('lifeline-journal-cut-');
+  const openJournal = async (replica: FileBackingStore) =>
+    Journal.open({
+      name: 'group1',
+      directory: path.join(dir, 'meta'),
+      fileSystem: nodeFileSystem,
+      pool: new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]),
+      replicas: new Map([[1, replica]]),
+      unitBytes: 16384,
+      historyMs: 3_600_000,
+      sizeLimitBytes: 1 << 24,
+      sizeWarningBytes: 1 << 23,
+    });
+  const record = (sequence: number, lengthBytes: number) => ({ kind: 'write' as const, stream: 0, sequence, timeMs: sequence, volume: 1, offset: 0, data: Buffer.alloc(lengthBytes, sequence) });
+  try {
+    fs.mkdirSync(path.join(dir, 'datastore'));
+    const replica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false, createSizeBytes: 1 << 20 });
+    let journal = await openJournal(replica);
+    for (let sequence = 1; sequence <= 5; sequence++) await journal.append([record(sequence, 1024)]);
+    await journal.close();
+    // Tear the last record: the second half of its data never reached the disk.
+    const unitPath = path.join(dir, 'datastore', 'group1', '000000000001.unit');
+    const fd = fs.openSync(unitPath, 'r+');
+    fs.writeSync(fd, Buffer.alloc(512), 0, 512, 4 * (64 + 1024) + 64 + 512);
+    fs.closeSync(fd);
+    journal = await openJournal(replica);
+    assert.equal(journal.openReport.cut?.position, 4 * (64 + 1024));
+    assert.equal(journal.lsnDurable, 4);
+    await journal.append([record(5, 100)]);
+    await journal.close();
+    await replica.close();
+    const verify = await run(lifelineBin, ['journal', 'verify', path.join(dir, 'meta')], { timeoutMs: 30_000, allowFailure: true });
+    assert.equal(verify.code, 0, verify.stderr);
+    assert.match(verify.stdout, /^ok: 5 records/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -375,6 +375,17 @@ export class Journal {
       this.units.push(unit);
       this.unitByNumber.set(unit.number, unit);
     }
+    // Clear what lies past a cut (the torn record and anything after it), so that the log ends in
+    // zero bytes there: later appends may be shorter than what they overwrite, and a leftover
+    // must never read as damage to `journal verify` or to the next open.
+    const cutUnit = scan.endIsDamage && last ? this.unitByNumber.get(last.number) : undefined;
+    if (cutUnit) {
+      const zeroes = Buffer.alloc(Math.min(1 << 20, this.unitBytes));
+      for (let position = cutUnit.writtenBytes; position < this.unitBytes; position += zeroes.length) {
+        await cutUnit.file.pwrite(zeroes.subarray(0, Math.min(zeroes.length, this.unitBytes - position)), position);
+      }
+      await cutUnit.file.fsync();
+    }
     // A new generation makes any record left past the cut stale for good.
     meta.generation = Math.max(meta.generation, scan.generationLast) + 1;
     meta.unitDirectories = this.pool.unitDirectories(this.name);
