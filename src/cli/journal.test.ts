@@ -8,23 +8,27 @@ import { Journal } from '../journal/journal.js';
 import { JournalPool } from '../journal/pool.js';
 import { nodeFileSystem } from '../journal/file-system.js';
 
+/** Opens (or reopens) the test journal 'group1' in `dir`, with one replica. */
+function openJournalAt(dir: string, replica: FileBackingStore, unitBytes: number): Promise<Journal> {
+  return Journal.open({
+    name: 'group1',
+    directory: path.join(dir, 'meta'),
+    fileSystem: nodeFileSystem,
+    pool: new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]),
+    replicas: new Map([[1, replica]]),
+    unitBytes,
+    historyMs: 3_600_000,
+    sizeLimitBytes: 1 << 24,
+    sizeWarningBytes: 1 << 23,
+  });
+}
+
 test('journal inspect lists units, streams and checkpoints; verify passes a sound journal and names the unit and offset of damage', async () => {
   const dir = makeTempDir('lifeline-journal-cli-');
   try {
     fs.mkdirSync(path.join(dir, 'datastore'));
     const replica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false, createSizeBytes: 1 << 20 });
-    const pool = new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]);
-    const journal = await Journal.open({
-      name: 'group1',
-      directory: path.join(dir, 'meta'),
-      fileSystem: nodeFileSystem,
-      pool,
-      replicas: new Map([[1, replica]]),
-      unitBytes: 65536,
-      historyMs: 3_600_000,
-      sizeLimitBytes: 1 << 24,
-      sizeWarningBytes: 1 << 23,
-    });
+    const journal = await openJournalAt(dir, replica, 65536);
     let timeMs = Date.now();
     for (let sequence = 1; sequence <= 40; sequence++) {
       await journal.append([
@@ -71,17 +75,7 @@ test('journal inspect lists units, streams and checkpoints; verify passes a soun
     const reopenReplica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false });
     try {
       await assert.rejects(
-        Journal.open({
-          name: 'group1',
-          directory: metaDir,
-          fileSystem: nodeFileSystem,
-          pool: new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]),
-          replicas: new Map([[1, reopenReplica]]),
-          unitBytes: 65536,
-          historyMs: 3_600_000,
-          sizeLimitBytes: 1 << 24,
-          sizeWarningBytes: 1 << 23,
-        }),
+        openJournalAt(dir, reopenReplica, 65536),
         (error: Error) => error.name === 'JournalDamagedError' || error.constructor.name === 'JournalDamagedError',
       );
       assert.ok(fs.existsSync(json.units[json.units.length - 1].path), 'no unit holding acknowledged records was deleted');
@@ -95,23 +89,11 @@ test('journal inspect lists units, streams and checkpoints; verify passes a soun
 
 test('after a torn tail is cut and a shorter record written over it, journal verify finds a sound journal', async () => {
   const dir = makeTempDir('lifeline-journal-cut-');
-  const openJournal = async (replica: FileBackingStore) =>
-    Journal.open({
-      name: 'group1',
-      directory: path.join(dir, 'meta'),
-      fileSystem: nodeFileSystem,
-      pool: new JournalPool(nodeFileSystem, [{ path: path.join(dir, 'datastore'), capacityBytes: 1 << 30 }]),
-      replicas: new Map([[1, replica]]),
-      unitBytes: 16384,
-      historyMs: 3_600_000,
-      sizeLimitBytes: 1 << 24,
-      sizeWarningBytes: 1 << 23,
-    });
   const record = (sequence: number, lengthBytes: number) => ({ kind: 'write' as const, stream: 0, sequence, timeMs: sequence, volume: 1, offset: 0, data: Buffer.alloc(lengthBytes, sequence) });
   try {
     fs.mkdirSync(path.join(dir, 'datastore'));
     const replica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false, createSizeBytes: 1 << 20 });
-    let journal = await openJournal(replica);
+    let journal = await openJournalAt(dir, replica, 16384);
     for (let sequence = 1; sequence <= 5; sequence++) await journal.append([record(sequence, 1024)]);
     await journal.close();
     // Tear the last record: the second half of its data never reached the disk.
@@ -119,7 +101,7 @@ test('after a torn tail is cut and a shorter record written over it, journal ver
     const fd = fs.openSync(unitPath, 'r+');
     fs.writeSync(fd, Buffer.alloc(512), 0, 512, 4 * (64 + 1024) + 64 + 512);
     fs.closeSync(fd);
-    journal = await openJournal(replica);
+    journal = await openJournalAt(dir, replica, 16384);
     assert.equal(journal.openReport.cut?.position, 4 * (64 + 1024));
     assert.equal(journal.lsnDurable, 4);
     await journal.append([record(5, 100)]);

@@ -510,16 +510,15 @@ class Connection {
     return false;
   }
 
-  private parseName(data: Buffer, option: number): { name: string; rest: number } | undefined {
+  private parseName(data: Buffer): { name: string; rest: number } | undefined {
     if (data.length < 4) return undefined;
     const nameBytes = data.readUInt32BE(0);
     if (nameBytes > data.length - 4) return undefined;
-    void option;
     return { name: data.toString('utf8', 4, 4 + nameBytes), rest: 4 + nameBytes };
   }
 
   private async infoOrGo(option: number, data: Buffer): Promise<boolean> {
-    const parsed = this.parseName(data, option);
+    const parsed = this.parseName(data);
     if (!parsed || data.length < parsed.rest + 2) return this.optionError(option, P.REP_ERR_INVALID, 'malformed NBD_OPT_INFO/GO');
     const requestCount = data.readUInt16BE(parsed.rest);
     if (data.length !== parsed.rest + 2 + 2 * requestCount) return this.optionError(option, P.REP_ERR_INVALID, 'NBD_OPT_INFO/GO length does not match its requests');
@@ -545,7 +544,7 @@ class Connection {
 
   private async metaContext(option: number, data: Buffer): Promise<boolean> {
     if (!this.structuredReplies) return this.optionError(option, P.REP_ERR_INVALID, 'negotiate structured replies first');
-    const parsed = this.parseName(data, option);
+    const parsed = this.parseName(data);
     if (!parsed || data.length < parsed.rest + 4) return this.optionError(option, P.REP_ERR_INVALID, 'malformed metadata context request');
     const queryCount = data.readUInt32BE(parsed.rest);
     if (queryCount > metaContextQueriesMax) return this.optionError(option, P.REP_ERR_TOO_BIG, 'too many queries');
