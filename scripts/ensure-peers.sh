@@ -6,12 +6,14 @@ declare -A need=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin [nbdsh]=python3-libnbd
   [nbdkit]=nbdkit [fio]=fio [fusermount3]=fuse3 [openssl]=openssl
+  [cc]=gcc
 )
 missing=()
 for tool in "${!need[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${need[$tool]}")
 done
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then missing+=(python3-libnbd); fi
+if ! /usr/bin/python3 -c 'import lz4.block' >/dev/null 2>&1; then missing+=(python3-lz4); fi
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)
 echo "ensure-peers: installing ${packages[*]}" >&2

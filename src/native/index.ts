@@ -18,6 +18,24 @@ export interface NativeHelpers {
   /** CRC-32C of the buffer, chained from `seed` (0 to start). */
   crc32c(data: Uint8Array, seed?: number): number;
   fallocate(fd: number, kind: 0 | 1 | 2, offset: number, lengthBytes: number, done: (error: Error | null) => void): void;
+  /** Worst-case LZ4 block size of `sourceBytes` bytes (all literals); a target this large always fits. */
+  lz4CompressBound(sourceBytes: number): number;
+  /**
+   * Compresses `source` into one LZ4 block (the bare block format: no frame, no size, no checksum)
+   * in `target`. Returns the bytes written, or 0 when the block would not fit in `target`, so a
+   * target smaller than the source stops early on incompressible data. Throws a RangeError above
+   * 1 GiB of input or when the buffers overlap.
+   */
+  lz4Compress(source: Uint8Array, target: Uint8Array): number;
+  /** lz4Compress of the chunks' concatenation (one block; matches reach across chunks), gathered in C. */
+  lz4CompressChunks(chunks: readonly Uint8Array[], target: Uint8Array): number;
+  /**
+   * Decompresses one LZ4 block into `target`; returns the bytes produced. Malformed input (or output
+   * larger than `target`) throws an Error with code 'ERR_LZ4_MALFORMED', `reason` and `position`;
+   * nothing is read or written outside the two buffers. Bytes of `target` past the returned length
+   * may have been overwritten.
+   */
+  lz4Decompress(source: Uint8Array, target: Uint8Array): number;
 }
 
 const addonPath = fileURLToPath(new URL('../../../build/Release/lifeline_native.node', import.meta.url));
@@ -34,3 +52,17 @@ function load(): NativeHelpers {
 }
 
 export const native: NativeHelpers = load();
+
+/** The error lz4Decompress throws for a malformed block. */
+export interface Lz4MalformedError extends Error {
+  code: 'ERR_LZ4_MALFORMED';
+  /** What is wrong, in words. */
+  reason: string;
+  /** The input byte where decoding stopped. */
+  position: number;
+}
+
+/** Whether `error` is the error lz4Decompress throws for a malformed block. */
+export function isLz4MalformedError(error: unknown): error is Lz4MalformedError {
+  return error instanceof Error && (error as { code?: unknown }).code === 'ERR_LZ4_MALFORMED';
+}

@@ -1,0 +1,380 @@
+/**
+ * Codec benchmark (run by hand with `npm run bench:codec`; never part of the tests).
+ *
+ * Data sets of --mib MiB each (default 16), cut into 4 MiB batches (the shipper's default batch
+ * size) of chunks of 4 to 64 KiB, as the shipper hands them to compressBatch:
+ *   random      incompressible (encrypted or already compressed disks)
+ *   zeros       never-written or trimmed blocks
+ *   text        log lines with timestamps, levels and numbers
+ *   binaries    real files of this machine (/usr/lib/x86_64-linux-gnu, then /usr/bin), in path order
+ *   vm-mix      4 KiB blocks drawn at random: 30 % zeros, 15 % random, 15 % text, 25 % binaries,
+ *               15 % inode-table-like records
+ *
+ * For each data set:
+ *   lz4 (ours)       the native block codec on each whole batch (no fallback), like the references
+ *   liblz4           the reference library (Debian's liblz4, which python3-lz4 uses), default
+ *                    mode, same batches and buffers reused as ours, timed in Python around
+ *                    each call (ctypes), same medians
+ *   lz4 CLI          `lz4 -b1 -B4194304` on the data set's file: its own fastest-of-runs figures
+ *   batch lz4        compressBatch/decompressBatch('lz4'): what the shipper gets, with the
+ *                    fallback to none, the copy out and (for none) the receiver's concatenation
+ *   batch brotli     the same with the stronger codec
+ * and on vm-mix the candidates for the stronger codec: deflate (zlib level 6, the default) and
+ * Brotli qualities 1, 4 and 5 (the codec uses 3), on each batch's concatenation.
+ *
+ * Ratio is raw bytes over compressed (or sent) bytes. Speeds are of raw bytes, MB = 10^6 bytes,
+ * one core. Medians of --runs (default 7), ours and the reference interleaved in each run so that
+ * load from other users of the machine hits both alike. Results: bench/results/codec-<stamp>.md
+ * and .json, and codec-latest.md.
+ *
+ *   node dist/bench/codec.js [--runs N] [--mib M] [--no-save]
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as zlib from 'node:zlib';
+import { parseArgs } from 'node:util';
+import { prng, repositoryRoot, run, systemPython } from '../test/helpers.js';
+import { native } from '../src/native/index.js';
+import { brotliQuality, compressBatch, decompressBatch, type CodecName } from '../src/replication/codec.js';
+
+const { values } = parseArgs({ options: { runs: { type: 'string' }, mib: { type: 'string' }, 'no-save': { type: 'boolean' } } });
+const runs = Number(values.runs ?? 7);
+const mib = 1024 * 1024;
+const dataSetBytes = Number(values.mib ?? 16) * mib;
+const batchBytes = 4 * mib;
+const blockBytes = 4096;
+const workDir = path.join(os.tmpdir(), 'lifeline-bench-codec');
+
+const median = (list: number[]): number => {
+  const sorted = [...list].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+};
+const nowSeconds = (): number => Number(process.hrtime.bigint()) / 1e9;
+
+// ------------------------------------------------------------------ data sets
+
+function randomBytes(size: number, random: () => number): Buffer {
+  const out = Buffer.alloc(size);
+  for (let i = 0; i + 4 <= size; i += 4) out.writeUInt32LE((random() * 0x100000000) >>> 0, i);
+  return out;
+}
+
+function logText(size: number, random: () => number): Buffer {
+  const levels = ['INFO', 'INFO', 'INFO', 'DEBUG', 'WARN', 'ERROR'];
+  const messages = [
+    'journal: appended %d records (lsn %d..%d) in %d ms',
+    'nbd: client 10.0.%d.%d connected, export vm-%d, %d connections',
+    'replication: batch %d sent, %d bytes raw, %d bytes on the wire',
+    'tap: flush of volume %d took %d ms, %d writes pending',
+    'kernel: EXT4-fs (vda%d): mounted filesystem with ordered data mode, %d inodes',
+  ];
+  let text = '';
+  let timeMs = 1_795_000_000_000;
+  while (text.length < size) {
+    timeMs += Math.floor(random() * 5000);
+    const message = messages[Math.floor(random() * messages.length)]!.replace(/%d/g, () => String(Math.floor(random() * 100_000)));
+    text += `${new Date(timeMs).toISOString()} host-${Math.floor(random() * 20)} lifeline[${1000 + Math.floor(random() * 50)}]: ${levels[Math.floor(random() * levels.length)]} ${message}\n`;
+  }
+  return Buffer.from(text.slice(0, size), 'latin1');
+}
+
+/** Real files of this machine, read in path order until `size` bytes. */
+function systemBinaries(size: number): { data: Buffer; source: string } {
+  const out = Buffer.alloc(size);
+  let at = 0;
+  const roots = ['/usr/lib/x86_64-linux-gnu', '/usr/lib', '/usr/bin'].filter((root) => fs.existsSync(root));
+  const walk = (dir: string): void => {
+    let names: string[];
+    try {
+      names = fs.readdirSync(dir).sort();
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      if (at >= size) return;
+      const full = path.join(dir, name);
+      const stat = fs.lstatSync(full, { throwIfNoEntry: false });
+      if (!stat) continue;
+      if (stat.isDirectory()) walk(full);
+      else if (stat.isFile() && stat.size >= blockBytes) {
+        const data = fs.readFileSync(full);
+        at += data.copy(out, at, 0, Math.min(data.length, size - at));
+      }
+    }
+  };
+  for (const root of roots) walk(root);
+  return { data: out.subarray(0, at), source: roots.join(', ') };
+}
+
+/** 4 KiB of inode-table-like records: 256-byte entries of small, close numbers and zero padding. */
+function inodeBlock(random: () => number): Buffer {
+  const out = Buffer.alloc(blockBytes);
+  const baseTime = 1_700_000_000 + Math.floor(random() * 1_000_000);
+  let block = Math.floor(random() * 1_000_000);
+  for (let record = 0; record < blockBytes / 256; record++) {
+    const at = record * 256;
+    if (random() < 0.2) continue; // a free inode
+    out.writeUInt16LE(random() < 0.7 ? 0o100644 : 0o040755, at);
+    out.writeUInt16LE(1000, at + 2);
+    out.writeUInt32LE(Math.floor(random() * 200_000), at + 4);
+    for (let t = 0; t < 4; t++) out.writeUInt32LE(baseTime + Math.floor(random() * 100), at + 8 + 4 * t);
+    out.writeUInt16LE(1000, at + 24);
+    out.writeUInt16LE(1, at + 26);
+    for (let pointer = 0; pointer < 12; pointer++) {
+      block += 1 + Math.floor(random() * 3);
+      out.writeUInt32LE(block, at + 40 + 4 * pointer);
+    }
+  }
+  return out;
+}
+
+function vmMix(size: number, random: () => number, binaries: Buffer): Buffer {
+  const out = Buffer.alloc(size);
+  for (let at = 0; at < size; at += blockBytes) {
+    const pick = random();
+    let block: Buffer;
+    if (pick < 0.3) continue; // zeros
+    else if (pick < 0.45) block = randomBytes(blockBytes, random);
+    else if (pick < 0.6) block = logText(blockBytes, random);
+    else if (pick < 0.85) {
+      const from = Math.floor((random() * (binaries.length - blockBytes)) / blockBytes) * blockBytes;
+      block = binaries.subarray(from, from + blockBytes);
+    } else block = inodeBlock(random);
+    block.copy(out, at);
+  }
+  return out;
+}
+
+/** Cuts a data set into batches of chunks of 4 to 64 KiB (whole 4 KiB blocks). */
+function toBatches(data: Buffer, random: () => number): Buffer[][] {
+  const batches: Buffer[][] = [];
+  for (let start = 0; start < data.length; start += batchBytes) {
+    const end = Math.min(data.length, start + batchBytes);
+    const chunks: Buffer[] = [];
+    for (let at = start; at < end; ) {
+      const length = Math.min(end - at, blockBytes * (1 + Math.floor(random() * 16)));
+      chunks.push(data.subarray(at, at + length));
+      at += length;
+    }
+    batches.push(chunks);
+  }
+  return batches;
+}
+
+// ------------------------------------------------------------------ measurements
+
+interface Sample {
+  compressSeconds: number;
+  decompressSeconds: number;
+  compressedBytes: number;
+}
+
+interface Row {
+  dataSet: string;
+  codec: string;
+  ratio: number;
+  compressMBs: number;
+  decompressMBs: number;
+  note: string;
+}
+
+/** Our codec on each whole batch, into buffers allocated (and touched) once, as the reference's. */
+function measureOurLz4(batches: Buffer[][]): Sample {
+  const block = Buffer.alloc(native.lz4CompressBound(batchBytes));
+  const back = Buffer.alloc(batchBytes);
+  let compressSeconds = 0;
+  let decompressSeconds = 0;
+  let compressedBytes = 0;
+  for (const chunks of batches) {
+    const raw = Buffer.concat(chunks);
+    let started = nowSeconds();
+    const written = native.lz4Compress(raw, block);
+    compressSeconds += nowSeconds() - started;
+    compressedBytes += written;
+    started = nowSeconds();
+    const produced = native.lz4Decompress(block.subarray(0, written), back);
+    decompressSeconds += nowSeconds() - started;
+    if (produced !== raw.length || !back.subarray(0, produced).equals(raw)) throw new Error('lz4 round trip failed in the benchmark');
+  }
+  return { compressSeconds, decompressSeconds, compressedBytes };
+}
+
+function measureBatch(codec: CodecName, batches: Buffer[][]): Sample {
+  let compressSeconds = 0;
+  let decompressSeconds = 0;
+  let compressedBytes = 0;
+  for (const chunks of batches) {
+    let started = nowSeconds();
+    const batch = compressBatch(codec, chunks);
+    compressSeconds += nowSeconds() - started;
+    compressedBytes += Buffer.isBuffer(batch.payload) ? batch.payload.length : batch.rawBytes;
+    started = nowSeconds();
+    decompressBatch(batch.codec, batch.payload, batch.rawBytes);
+    decompressSeconds += nowSeconds() - started;
+  }
+  return { compressSeconds, decompressSeconds, compressedBytes };
+}
+
+function measureZlib(batches: Buffer[][], compress: (raw: Buffer) => Buffer, decompress: (packed: Buffer) => Buffer): Sample {
+  let compressSeconds = 0;
+  let decompressSeconds = 0;
+  let compressedBytes = 0;
+  for (const chunks of batches) {
+    const raw = Buffer.concat(chunks);
+    let started = nowSeconds();
+    const packed = compress(raw);
+    compressSeconds += nowSeconds() - started;
+    compressedBytes += packed.length;
+    started = nowSeconds();
+    decompress(packed);
+    decompressSeconds += nowSeconds() - started;
+  }
+  return { compressSeconds, decompressSeconds, compressedBytes };
+}
+
+/**
+ * The reference, timed the same way as ours: liblz4 called through ctypes on preallocated
+ * buffers (python3-lz4's own calls allocate a new output object each time, which would time
+ * the allocator), LZ4_compress_default and LZ4_decompress_safe, the calls python3-lz4 makes.
+ */
+const referenceScript = `
+import ctypes, json, sys, time
+import lz4.block
+library = ctypes.CDLL('liblz4.so.1')
+for name in ('LZ4_compress_default', 'LZ4_decompress_safe'):
+    getattr(library, name).argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    getattr(library, name).restype = ctypes.c_int
+library.LZ4_versionString.restype = ctypes.c_char_p
+data = open(sys.argv[1], 'rb').read()
+batch = int(sys.argv[2])
+block = ctypes.create_string_buffer(library.LZ4_compressBound(batch))
+back = ctypes.create_string_buffer(batch)
+compress_seconds = decompress_seconds = 0.0
+compressed_bytes = 0
+for start in range(0, len(data), batch):
+    raw = data[start:start + batch]
+    started = time.perf_counter()
+    written = library.LZ4_compress_default(raw, block, len(raw), len(block))
+    compress_seconds += time.perf_counter() - started
+    compressed_bytes += written
+    started = time.perf_counter()
+    produced = library.LZ4_decompress_safe(block, back, written, len(back))
+    decompress_seconds += time.perf_counter() - started
+    assert produced == len(raw) and back.raw[:produced] == raw
+    assert lz4.block.decompress(block.raw[:written], uncompressed_size=len(raw)) == raw
+print(json.dumps({"compressSeconds": compress_seconds, "decompressSeconds": decompress_seconds, "compressedBytes": compressed_bytes, "version": library.LZ4_versionString().decode()}))
+`;
+
+async function measureReference(file: string): Promise<Sample & { version: string }> {
+  const result = await run(systemPython, ['-c', referenceScript, file, String(batchBytes)], { timeoutMs: 300_000 });
+  return JSON.parse(result.stdout) as Sample & { version: string };
+}
+
+/** `lz4 -b1` on the file, 4 MiB blocks: its own ratio and fastest speeds, or undefined without the CLI. */
+async function measureCli(file: string): Promise<{ ratio: number; compressMBs: number; decompressMBs: number; version: string } | undefined> {
+  const version = await run('lz4', ['--version'], { allowFailure: true }).catch(() => undefined);
+  if (!version || version.code !== 0) return undefined;
+  const result = await run('lz4', ['-b1', '-i2', `-B${batchBytes}`, file], { timeoutMs: 300_000 });
+  // The last progress line: "name : raw -> compressed (ratio), C MB/s ,D MB/s".
+  const lines = (result.stdout + result.stderr).split(/[\r\n]/).filter((line) => /MB\/s ,/.test(line));
+  const match = /\(\s*([\d.]+)\),\s*([\d.]+) MB\/s ,\s*([\d.]+) MB\/s/.exec(lines[lines.length - 1] ?? '');
+  if (!match) throw new Error(`Cannot read the lz4 CLI's benchmark output: ${result.stdout}${result.stderr}`);
+  return { ratio: Number(match[1]), compressMBs: Number(match[2]), decompressMBs: Number(match[3]), version: /v[\d.]+/.exec(version.stdout + version.stderr)?.[0] ?? '?' };
+}
+
+function toRow(dataSet: string, codec: string, rawBytes: number, samples: Sample[], note: string): Row {
+  return {
+    dataSet,
+    codec,
+    ratio: rawBytes / samples[0]!.compressedBytes,
+    compressMBs: rawBytes / median(samples.map((sample) => sample.compressSeconds)) / 1e6,
+    decompressMBs: rawBytes / median(samples.map((sample) => sample.decompressSeconds)) / 1e6,
+    note,
+  };
+}
+
+async function main(): Promise<void> {
+  const machine = `${os.cpus()[0]?.model ?? 'cpu'} x${os.cpus().length}, ${Math.round(os.totalmem() / 1024 ** 3)} GiB, Node ${process.version}, ${os.release()}, load ${os.loadavg()[0]!.toFixed(2)}`;
+  console.log(`# codec benchmark on ${machine}; ${dataSetBytes / mib} MiB per data set in ${batchBytes / mib} MiB batches; ${runs} runs, medians`);
+  fs.rmSync(workDir, { recursive: true, force: true });
+  fs.mkdirSync(workDir, { recursive: true });
+  const random = prng(20261122);
+  const binaries = systemBinaries(dataSetBytes);
+  const dataSets: [string, Buffer][] = [
+    ['random', randomBytes(dataSetBytes, random)],
+    ['zeros', Buffer.alloc(dataSetBytes)],
+    ['text', logText(dataSetBytes, random)],
+    ['binaries', binaries.data],
+    ['vm-mix', vmMix(dataSetBytes, random, binaries.data)],
+  ];
+  const rows: Row[] = [];
+  const raw: Record<string, unknown> = { machine, runs, dataSetBytes, batchBytes, binariesFrom: binaries.source };
+  let referenceVersion = '?';
+  let cliVersion: string | undefined;
+  for (const [name, data] of dataSets) {
+    const file = path.join(workDir, `${name}.bin`);
+    fs.writeFileSync(file, data);
+    const batches = toBatches(data, random);
+    const samples: Record<string, Sample[]> = { ours: [], reference: [], batchLz4: [], batchBrotli: [] };
+    const candidates: [string, (raw: Buffer) => Buffer, (packed: Buffer) => Buffer][] =
+      name !== 'vm-mix'
+        ? []
+        : [
+            ['deflate level 6', (input) => zlib.deflateRawSync(input, { level: 6 }), (packed) => zlib.inflateRawSync(packed)],
+            ...[1, 4, 5].map((quality): [string, (raw: Buffer) => Buffer, (packed: Buffer) => Buffer] => [
+              `brotli quality ${quality}`,
+              (input) => zlib.brotliCompressSync(input, { params: { [zlib.constants.BROTLI_PARAM_QUALITY]: quality, [zlib.constants.BROTLI_PARAM_SIZE_HINT]: input.length } }),
+              (packed) => zlib.brotliDecompressSync(packed),
+            ]),
+          ];
+    const candidateSamples = candidates.map((): Sample[] => []);
+    for (let r = 0; r < runs; r++) {
+      samples.ours!.push(measureOurLz4(batches));
+      const reference = await measureReference(file);
+      referenceVersion = reference.version;
+      samples.reference!.push(reference);
+      samples.batchLz4!.push(measureBatch('lz4', batches));
+      samples.batchBrotli!.push(measureBatch('brotli', batches));
+      candidates.forEach(([, compress, decompress], index) => candidateSamples[index]!.push(measureZlib(batches, compress, decompress)));
+    }
+    const cli = await measureCli(file);
+    cliVersion = cli?.version;
+    const ours = toRow(name, 'lz4 (ours)', data.length, samples.ours!, 'native block codec, whole batch');
+    const reference = toRow(name, `liblz4 ${referenceVersion}`, data.length, samples.reference!, 'LZ4_compress_default / LZ4_decompress_safe via ctypes');
+    rows.push(ours, reference);
+    if (cli) rows.push({ dataSet: name, codec: `lz4 CLI ${cli.version}`, ratio: cli.ratio, compressMBs: cli.compressMBs, decompressMBs: cli.decompressMBs, note: '`lz4 -b1 -B4194304`, its fastest run' });
+    rows.push(toRow(name, 'batch lz4', data.length, samples.batchLz4!, 'compressBatch, fallback to none'));
+    rows.push(toRow(name, `batch brotli`, data.length, samples.batchBrotli!, `compressBatch, quality ${brotliQuality}`));
+    candidates.forEach(([label], index) => rows.push(toRow(name, label, data.length, candidateSamples[index]!, 'candidate, node:zlib sync')));
+    raw[name] = { samples, candidateSamples, cli };
+    console.log(`  ${name}: lz4 ours ${ours.compressMBs.toFixed(0)}/${ours.decompressMBs.toFixed(0)} MB/s ratio ${ours.ratio.toFixed(3)}; liblz4 ${reference.compressMBs.toFixed(0)}/${reference.decompressMBs.toFixed(0)} MB/s ratio ${reference.ratio.toFixed(3)}`);
+  }
+  const table = [
+    `Codec benchmark, ${new Date().toISOString()}`,
+    `Machine: ${machine}`,
+    `Data: ${dataSetBytes / mib} MiB per data set, ${batchBytes / mib} MiB batches of 4-64 KiB chunks; binaries from ${binaries.source}; ` +
+      `reference liblz4 ${referenceVersion}${cliVersion ? `, lz4 CLI ${cliVersion}` : ', lz4 CLI not installed'}. ` +
+      `Medians of ${runs} runs (the CLI: its fastest), MB = 10^6 bytes, one core.`,
+    '',
+    '| data set | codec | ratio | compress MB/s | decompress MB/s | vs liblz4 (compress, decompress) | note |',
+    '|---|---|---|---|---|---|---|',
+    ...rows.map((row) => {
+      const reference = rows.find((other) => other.dataSet === row.dataSet && other.codec.startsWith('liblz4'))!;
+      const versus = row.codec === 'lz4 (ours)' ? `${(row.compressMBs / reference.compressMBs).toFixed(2)}x, ${(row.decompressMBs / reference.decompressMBs).toFixed(2)}x` : '-';
+      return `| ${row.dataSet} | ${row.codec} | ${row.ratio.toFixed(3)} | ${row.compressMBs.toFixed(0)} | ${row.decompressMBs.toFixed(0)} | ${versus} | ${row.note} |`;
+    }),
+  ].join('\n');
+  console.log(`\n${table}`);
+  if (!values['no-save']) {
+    const stamp = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+    const dir = path.join(repositoryRoot, 'bench', 'results');
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, `codec-${stamp}.json`), JSON.stringify(raw, null, 2));
+    fs.writeFileSync(path.join(dir, `codec-${stamp}.md`), table + '\n');
+    fs.writeFileSync(path.join(dir, 'codec-latest.md'), table + '\n');
+  }
+  fs.rmSync(workDir, { recursive: true, force: true });
+}
+
+await main();
