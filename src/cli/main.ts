@@ -4,6 +4,9 @@
 import { runNbdServe } from './nbd-serve.js';
 import { runDemo } from './demo.js';
 import { runJournal } from './journal.js';
+import { runFaultProxy } from '../faultproxy/cli.js';
+import { runCerts } from './certs.js';
+import { runAppliance } from './appliance.js';
 import { UsageError } from './usage-error.js';
 
 const usage = `Usage: lifeline <command> [options]
@@ -12,8 +15,13 @@ Commands:
   demo            serve a fresh volume over NBD with the tap on and show, live,
                   the writes it intercepts (a built-in workload writes to it)
   nbd serve       serve raw image files over NBD through the tap
+  appliance       run an appliance: serve and protect volumes, receive streams
+                  into journals (--data DIR --config FILE)
   journal inspect|verify DIR
                   list a journal's units, streams and checkpoints, or check every record
+  fault-proxy     forward TCP to a target through injected faults (for tests)
+  certs init-ca|issue|demo
+                  make a site CA and appliance certificates for the mutual TLS link
   help            show this text
 
 Run 'lifeline <command> --help' for a command's options.`;
@@ -30,6 +38,12 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`Unknown 'nbd' subcommand '${rest[0] ?? ''}': try 'lifeline nbd serve --help'`);
       case 'journal':
         return await runJournal(rest);
+      case 'fault-proxy':
+        return await runFaultProxy(rest);
+      case 'appliance':
+        return await runAppliance(rest);
+      case 'certs':
+        return await runCerts(rest);
       case 'demo':
         await runDemo(rest);
         return Number(process.exitCode ?? 0);

@@ -4,8 +4,8 @@
  * a CRC-32C so that a damaged file is noticed rather than trusted.
  */
 import * as path from 'node:path';
-import { native } from '../native/index.js';
-import { readWholeFile, type JournalFileSystem } from './file-system.js';
+import { readStateFile, StateFileDamagedError, writeStateFile } from '../util/state-file.js';
+import type { JournalFileSystem } from './file-system.js';
 
 export const metadataFileName = 'journal.meta';
 
@@ -33,29 +33,14 @@ export interface JournalMetadata {
 }
 
 export async function readMetadata(fileSystem: JournalFileSystem, directory: string): Promise<JournalMetadata | undefined> {
-  const names = await fileSystem.readdir(directory);
-  if (!names.includes(metadataFileName)) return undefined;
-  const text = (await readWholeFile(fileSystem, path.join(directory, metadataFileName))).toString('utf8');
-  const newline = text.lastIndexOf('\n', text.length - 2);
-  const body = text.slice(0, newline);
-  const crc = Number.parseInt(text.slice(newline + 1).trim(), 16);
-  if (newline < 0 || crc !== native.crc32c(Buffer.from(body, 'utf8'), 0) >>> 0) {
-    throw new Error(`Cannot read journal metadata as its checksum does not match: path is ${path.join(directory, metadataFileName)}`);
+  try {
+    return await readStateFile<JournalMetadata>(fileSystem, path.join(directory, metadataFileName));
+  } catch (error) {
+    if (error instanceof StateFileDamagedError) throw new Error(`Cannot read journal metadata as its checksum does not match: path is ${error.filePath}`);
+    throw error;
   }
-  return JSON.parse(body) as JournalMetadata;
 }
 
 export async function writeMetadata(fileSystem: JournalFileSystem, directory: string, metadata: JournalMetadata): Promise<void> {
-  const body = JSON.stringify(metadata);
-  const crc = native.crc32c(Buffer.from(body, 'utf8'), 0) >>> 0;
-  const temporary = path.join(directory, `${metadataFileName}.tmp`);
-  const file = await fileSystem.open(temporary, 'create');
-  try {
-    await file.pwrite(Buffer.from(`${body}\n${crc.toString(16)}\n`, 'utf8'), 0);
-    await file.fsync();
-  } finally {
-    await file.close();
-  }
-  await fileSystem.rename(temporary, path.join(directory, metadataFileName));
-  await fileSystem.fsyncDirectory(directory);
+  await writeStateFile(fileSystem, path.join(directory, metadataFileName), metadata);
 }

@@ -65,6 +65,8 @@ export interface TlsConfig {
 
 export interface NbdServerOptions {
   exports: ExportConfig[];
+  /** Start with no exports (they are added later, as recovery views are). */
+  allowNoExports?: boolean;
   tls?: TlsConfig;
   logger?: Logger;
 }
@@ -90,13 +92,13 @@ export class NbdServer {
   readonly bufferPool = new BufferPool();
 
   constructor(options: NbdServerOptions) {
-    if (options.exports.length === 0) throw new Error('Cannot start an NBD server with no exports');
+    if (options.exports.length === 0 && !options.allowNoExports) throw new Error('Cannot start an NBD server with no exports');
     for (const config of options.exports) {
       if (Buffer.byteLength(config.name) > stringBytesMax) throw new Error(`Export name is longer than ${stringBytesMax} bytes: '${config.name.slice(0, 40)}…'`);
       if (this.exportsByName.has(config.name)) throw new Error(`Export '${config.name}' is given twice`);
       this.exportsByName.set(config.name, config);
     }
-    this.exportList = options.exports;
+    this.exportList = [...options.exports];
     this.tls = options.tls;
     this.logger = options.logger ?? silentLogger;
     if (options.tls) {
@@ -117,6 +119,23 @@ export class NbdServer {
   findExport(name: string): ExportConfig | undefined {
     if (name === '') return this.exportList[0];
     return this.exportsByName.get(name);
+  }
+
+  /** Adds an export while the server runs (a recovery view); new connections can select it at once. */
+  addExport(config: ExportConfig): void {
+    if (Buffer.byteLength(config.name) > stringBytesMax) throw new Error(`Export name is longer than ${stringBytesMax} bytes: '${config.name.slice(0, 40)}…'`);
+    if (this.exportsByName.has(config.name)) throw new Error(`Export '${config.name}' already exists`);
+    this.exportsByName.set(config.name, config);
+    this.exportList.push(config);
+  }
+
+  /** Removes an export from the list; connections already using it keep their store until they close. */
+  removeExport(name: string): boolean {
+    const config = this.exportsByName.get(name);
+    if (!config) return false;
+    this.exportsByName.delete(name);
+    this.exportList.splice(this.exportList.indexOf(config), 1);
+    return true;
   }
 
   get exports(): readonly ExportConfig[] {

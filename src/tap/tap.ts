@@ -33,6 +33,12 @@ export interface TapEvent {
    * a bounded time.
    */
   data?: WriteData;
+  /**
+   * 'sync' marks a write the tap made up from a read of the backing store
+   * (`readForSync`): the volume's current content of that range, placed in
+   * the stream at the point of the read, for initial sync and resync.
+   */
+  origin?: 'sync';
 }
 
 export interface TapConsumer {
@@ -104,6 +110,21 @@ export class Tap implements BackingStore {
     return this.mutate('trim', offset, lengthBytes, undefined, () => this.inner.trim(offset, lengthBytes));
   }
 
+  /**
+   * Reads a range for a sync and hands it to the consumer as a write event of
+   * origin 'sync', in sequence with the volume's mutations: it waits for every
+   * earlier overlapping mutation, and later overlapping ones wait for the read,
+   * so applying the events in order gives the store's content even while the
+   * guest keeps writing.
+   */
+  readForSync(offset: number, lengthBytes: number): Promise<void> {
+    if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(lengthBytes) && offset >= 0 && lengthBytes > 0 && offset + lengthBytes <= this.inner.sizeBytes)) {
+      return Promise.reject(new RangeError(`Cannot read ${lengthBytes} bytes at ${offset} for a sync of volume '${this.volume}' of ${this.inner.sizeBytes} bytes`));
+    }
+    const data = Buffer.allocUnsafe(lengthBytes);
+    return this.mutate('write', offset, lengthBytes, data, () => this.inner.read(data, offset), 'sync');
+  }
+
   flush(): Promise<void> {
     return this.inner.flush();
   }
@@ -126,10 +147,12 @@ export class Tap implements BackingStore {
     lengthBytes: number,
     data: WriteData | undefined,
     apply: () => Promise<void>,
+    origin?: 'sync',
   ): Promise<void> {
     const sequence = ++this.sequenceLast;
     const event: TapEvent = { volume: this.volume, sequence, sourceTimeMs: this.clock.nowMs(), offset, lengthBytes, kind };
     if (data) event.data = data;
+    if (origin) event.origin = origin;
     const end = offset + lengthBytes;
     let blockers: Promise<void>[] | undefined;
     for (const other of this.inFlight.values()) {

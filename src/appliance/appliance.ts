@@ -1,0 +1,311 @@
+/**
+ * One appliance (DESIGN.md: one daemon per host). Source role: serves its
+ * volumes over NBD through the tap and ships each protection group's writes to
+ * its target appliance. Target role: receives streams over mutual TLS into
+ * protection groups' journals and keeps the replicas. A control API (HTTP/JSON
+ * on a local address) reports status and takes commands.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import * as tls from 'node:tls';
+import { NbdServer, type ExportConfig } from '../nbd/server.js';
+import { nodeFileSystem, type JournalFileSystem } from '../journal/file-system.js';
+import { FileBackingStore, type BackingStore } from '../tap/backing-store.js';
+import type { Logger } from '../util/logger.js';
+import { SocketFrameLink, type FrameLink } from '../replication/link.js';
+import { TokenBucket } from '../replication/rate.js';
+import { Receiver, type ReceiverTarget } from '../replication/receiver.js';
+import { systemScheduler, type Scheduler, type Timer } from '../replication/scheduler.js';
+import { clientTlsOptions, createReplicationServer, loadTlsIdentity, type TlsIdentity } from '../replication/tls.js';
+import type { Hello } from '../replication/wire.js';
+import type { RecoveryView } from '../journal/view.js';
+import type { ViewPoint } from '../journal/journal.js';
+import { checkProtectVolumes, type ApplianceConfig, type ProtectConfig } from './config.js';
+import { ControlApi } from './control-api.js';
+import { SourceGroup, type SourceGroupStatus } from './source-group.js';
+import { TargetGroup, type TargetGroupStatus } from './target-group.js';
+
+/** How often the journals are ticked (promotion of aged writes, alerts). */
+export const journalTickMs = 1_000;
+/** How long a stopping appliance waits for its queues to be acknowledged. */
+export const stopDrainMsMax = 10_000;
+/** A connection to the target that takes longer than this is given up (then retried). */
+export const connectMsMax = 10_000;
+
+export interface ApplianceOptions {
+  config: ApplianceConfig;
+  dataDirectory: string;
+  logger: Logger;
+  scheduler?: Scheduler;
+  fileSystem?: JournalFileSystem;
+}
+
+export interface ApplianceStatus {
+  appliance: string;
+  site: string;
+  startedMs: number;
+  addresses: { control: string; nbd?: string; receive?: string };
+  rateLimitBytesPerSecond: number;
+  volumes: { name: string; sizeBytes: number; group: string | undefined; path: string }[];
+  groups: (SourceGroupStatus | TargetGroupStatus)[];
+}
+
+interface ServedVolume {
+  name: string;
+  path: string;
+  file: FileBackingStore;
+}
+
+function formatAddress(address: net.AddressInfo | string | null): string {
+  if (!address || typeof address === 'string') return String(address);
+  return address.family === 'IPv6' ? `[${address.address}]:${address.port}` : `${address.address}:${address.port}`;
+}
+
+export class Appliance {
+  readonly config: ApplianceConfig;
+  readonly startedMs: number;
+  private readonly options: ApplianceOptions;
+  private readonly logger: Logger;
+  private readonly scheduler: Scheduler;
+  private readonly fileSystem: JournalFileSystem;
+  private readonly identity: TlsIdentity;
+  readonly rateLimit: TokenBucket;
+  private readonly volumes = new Map<string, ServedVolume>();
+  readonly sources = new Map<string, SourceGroup>();
+  readonly targets = new Map<string, TargetGroup>();
+  private nbd: NbdServer | undefined;
+  private receiveServer: tls.Server | undefined;
+  private receiver: Receiver | undefined;
+  private control: ControlApi | undefined;
+  private tickTimer: Timer | undefined;
+  private readonly views = new Map<string, { group: string; volume: string; view: RecoveryView; at: ViewPoint }>();
+  private viewNumber = 0;
+  private stopped = false;
+  readonly addresses: ApplianceStatus['addresses'] = { control: '' };
+
+  private constructor(options: ApplianceOptions, identity: TlsIdentity) {
+    this.options = options;
+    this.config = options.config;
+    this.logger = options.logger;
+    this.scheduler = options.scheduler ?? systemScheduler;
+    this.fileSystem = options.fileSystem ?? nodeFileSystem;
+    this.identity = identity;
+    this.startedMs = this.scheduler.nowMs();
+    this.rateLimit = new TokenBucket(this.scheduler, options.config.rateLimitBytesPerSecond);
+  }
+
+  static async start(options: ApplianceOptions): Promise<Appliance> {
+    const { config } = options;
+    const identity = loadTlsIdentity({ certPath: config.tls.cert, keyPath: config.tls.key, trustedCaPaths: config.tls.trustedCas });
+    if (identity.name !== config.appliance.name) {
+      throw new Error(`Cannot start appliance '${config.appliance.name}' as its certificate names '${identity.name}': path is ${config.tls.cert}`);
+    }
+    fs.mkdirSync(options.dataDirectory, { recursive: true });
+    const appliance = new Appliance(options, identity);
+    try {
+      await appliance.startParts();
+    } catch (error) {
+      await appliance.stop().catch(() => {});
+      throw error;
+    }
+    return appliance;
+  }
+
+  private async startParts(): Promise<void> {
+    const config = this.config;
+    for (const volume of config.volumes) {
+      const file = FileBackingStore.open({ path: volume.path, readOnly: false, createSizeBytes: volume.sizeBytes });
+      this.volumes.set(volume.name, { name: volume.name, path: volume.path, file });
+    }
+    if (config.receive) {
+      for (const group of config.receive.groups) {
+        const target = await TargetGroup.open({
+          config: group,
+          directory: path.join(this.options.dataDirectory, 'target', group.group),
+          fileSystem: this.fileSystem,
+          clock: this.scheduler,
+          logger: this.logger,
+        });
+        target.journal.on((event) => this.logger.info('journal event', { group: group.group, ...flatten(event) }));
+        this.targets.set(group.group, target);
+      }
+      await this.startReceiving(config.receive.listen);
+    }
+    for (const protect of config.protect) await this.addSource(protect);
+    if (config.nbd) await this.startNbd(config.nbd.listen);
+    this.control = new ControlApi(this, this.logger);
+    this.addresses.control = await this.control.listen(config.control.listen);
+    this.tickTimer = this.scheduler.setTimer(journalTickMs, () => void this.tick());
+  }
+
+  private async tick(): Promise<void> {
+    for (const target of this.targets.values()) {
+      try {
+        await target.journal.tick();
+      } catch (error) {
+        this.logger.error('journal tick failed', { group: target.name, error: (error as Error).message });
+      }
+    }
+    if (!this.stopped) this.tickTimer = this.scheduler.setTimer(journalTickMs, () => void this.tick());
+  }
+
+  private async startReceiving(listen: { host: string; port: number }): Promise<void> {
+    const allowed = new Set<string>();
+    for (const target of this.targets.values()) for (const source of target.config.sources) allowed.add(source);
+    const receiverTarget: ReceiverTarget = {
+      openStream: async (hello: Hello, peerName: string | undefined) => {
+        const target = this.targets.get(hello.group);
+        if (!target) return { refuse: { code: 'unknown-group', message: `appliance '${this.config.appliance.name}' receives no group '${hello.group}'` } };
+        return target.openStream(hello, peerName);
+      },
+    };
+    this.receiver = new Receiver({ target: receiverTarget, scheduler: this.scheduler, appliance: this.config.appliance.name, logger: this.logger });
+    const receiver = this.receiver;
+    this.receiveServer = createReplicationServer({
+      identity: this.identity,
+      allowedPeers: (name) => allowed.has(name),
+      onPeer: (socket, name) => {
+        const link: FrameLink = new SocketFrameLink(socket, `from ${name} at ${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`);
+        receiver.accept(link);
+      },
+      onRefused: (error, remoteAddress) => this.logger.warn('replication peer refused', { remoteAddress, error: error.message }),
+    });
+    const server = this.receiveServer;
+    server.on('tlsClientError', (error) => this.logger.warn('replication TLS handshake failed', { error: error.message }));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(listen.port, listen.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    this.addresses.receive = formatAddress(server.address());
+    this.logger.info('receiving replication', { address: this.addresses.receive });
+  }
+
+  private connector(protect: ProtectConfig): () => Promise<FrameLink> {
+    const { host, port } = protect.target.address;
+    return () =>
+      new Promise<FrameLink>((resolve, reject) => {
+        const socket = tls.connect({ host, port, ...clientTlsOptions(this.identity, { expectedPeerName: protect.target.appliance }) });
+        const timer = setTimeout(() => socket.destroy(new Error(`no TLS session with ${host}:${port} within ${connectMsMax} ms`)), connectMsMax);
+        socket.once('secureConnect', () => {
+          clearTimeout(timer);
+          socket.removeAllListeners('error');
+          resolve(new SocketFrameLink(socket, `to ${protect.target.appliance} at ${host}:${port}`));
+        });
+        socket.once('error', (error) => {
+          clearTimeout(timer);
+          socket.destroy();
+          reject(error);
+        });
+      });
+  }
+
+  /** Starts protecting a group of this appliance's volumes (from the file or the control API). */
+  async addSource(protect: ProtectConfig): Promise<SourceGroup> {
+    if (this.sources.has(protect.group)) throw new Error(`Group '${protect.group}' is already protected by this appliance`);
+    const volumeConfigs = this.config.volumes;
+    checkProtectVolumes([...[...this.sources.values()].map((source) => source.config), protect], volumeConfigs);
+    if (this.nbd && protect.volumes.some((name) => this.nbd!.exports.some((config) => config.name === name))) {
+      // The NBD server's exports are fixed once it runs; a volume must be protected before it is served.
+      throw new Error(`Cannot protect group '${protect.group}' while its volumes are served unprotected; restart the appliance with the group in its configuration`);
+    }
+    const group = await SourceGroup.start({
+      config: protect,
+      site: this.config.appliance.site,
+      appliance: this.config.appliance.name,
+      volumes: protect.volumes.map((name, id) => ({ id, name, file: this.volumes.get(name)!.file })),
+      directory: path.join(this.options.dataDirectory, 'source', protect.group),
+      fileSystem: this.fileSystem,
+      scheduler: this.scheduler,
+      connect: this.connector(protect),
+      applianceRateLimit: this.rateLimit,
+      logger: this.logger,
+    });
+    this.sources.set(protect.group, group);
+    return group;
+  }
+
+  private async startNbd(listen: { host: string; port: number }): Promise<void> {
+    const exports: ExportConfig[] = [];
+    for (const volume of this.volumes.values()) {
+      let store: BackingStore = volume.file;
+      for (const source of this.sources.values()) store = source.exports.get(volume.name) ?? store;
+      exports.push({ name: volume.name, store, description: `Lifeline volume ${volume.name}` });
+    }
+    // A target serves recovery views on the same server, added while it runs.
+    if (exports.length === 0 && this.targets.size === 0) return;
+    this.nbd = new NbdServer({ exports, logger: this.logger, allowNoExports: true });
+    const address = await this.nbd.listen({ host: listen.host, port: listen.port });
+    this.addresses.nbd = typeof address === 'string' ? address : formatAddress(address as net.AddressInfo);
+    this.logger.info('serving volumes over NBD', { address: this.addresses.nbd, volumes: exports.map((entry) => entry.name) });
+  }
+
+  status(): ApplianceStatus {
+    const owner = new Map<string, string>();
+    for (const source of this.sources.values()) for (const name of source.config.volumes) owner.set(name, source.name);
+    return {
+      appliance: this.config.appliance.name,
+      site: this.config.appliance.site,
+      startedMs: this.startedMs,
+      addresses: this.addresses,
+      rateLimitBytesPerSecond: this.rateLimit.rateBytesPerSecond,
+      volumes: [...this.volumes.values()].map((volume) => ({ name: volume.name, sizeBytes: volume.file.sizeBytes, group: owner.get(volume.name), path: volume.path })),
+      groups: [...[...this.sources.values()].map((source) => source.status()), ...[...this.targets.values()].map((target) => target.status())],
+    };
+  }
+
+  /** Opens a recovery view of a received volume and exports it over NBD. */
+  async openView(options: { group: string; volume: string; at: ViewPoint; scratchBytesMax: number }): Promise<{ name: string; uri: string | undefined }> {
+    const target = this.targets.get(options.group);
+    if (!target) throw new Error(`Cannot open a view as appliance '${this.config.appliance.name}' receives no group '${options.group}'`);
+    const volumeId = target.config.volumes.findIndex((volume) => volume.name === options.volume);
+    if (volumeId < 0) throw new Error(`Cannot open a view as group '${options.group}' has no volume '${options.volume}'`);
+    if (!this.nbd) throw new Error(`Cannot export a view as appliance '${this.config.appliance.name}' has no NBD address (set nbd.listen)`);
+    const name = `view-${options.group}-${options.volume}-${++this.viewNumber}`;
+    const view = await target.journal.openView({ volume: volumeId, at: options.at, scratchBytesMax: options.scratchBytesMax, name });
+    this.nbd.addExport({ name, store: view, description: `recovery view of ${options.group}/${options.volume} at ${JSON.stringify(options.at)}` });
+    this.views.set(name, { group: options.group, volume: options.volume, view, at: options.at });
+    this.logger.info('recovery view opened', { group: options.group, volume: options.volume, view: name, at: options.at });
+    return { name, uri: this.addresses.nbd ? `nbd://${this.addresses.nbd}/${name}` : undefined };
+  }
+
+  async closeView(name: string): Promise<boolean> {
+    const entry = this.views.get(name);
+    if (!entry) return false;
+    this.nbd?.removeExport(name);
+    this.views.delete(name);
+    await entry.view.close();
+    this.logger.info('recovery view closed', { view: name });
+    return true;
+  }
+
+  listViews(group: string): { name: string; volume: string; at: ViewPoint }[] {
+    return [...this.views].filter(([, entry]) => entry.group === group).map(([name, entry]) => ({ name, volume: entry.volume, at: entry.at }));
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.tickTimer?.cancel();
+    await this.control?.close();
+    if (this.nbd) await this.nbd.close();
+    for (const name of [...this.views.keys()]) await this.closeView(name);
+    await Promise.all([...this.sources.values()].map((source) => source.stop(stopDrainMsMax)));
+    if (this.receiveServer) {
+      const server = this.receiveServer;
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+    await this.receiver?.close();
+    for (const target of this.targets.values()) await target.close();
+    for (const volume of this.volumes.values()) await volume.file.close();
+  }
+}
+
+function flatten(event: object): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(event)) out[key === 'type' ? 'event' : key] = value;
+  return out;
+}

@@ -1,0 +1,511 @@
+/**
+ * A protection group in the source role on this appliance: its volumes' taps
+ * feed one stream queue, a shipper sends the queue to the target appliance,
+ * and a dirty-region log remembers which regions hold writes the target has
+ * not acknowledged.
+ *
+ * Stacking per volume, from the NBD server down:
+ *   quiesce gate → tap → dirty gate (marks the region durable first) → file
+ *
+ * Sessions and sync. Every start of the group is a new protection session with
+ * a new epoch: the target gives it a stream of its own starting at sequence 1,
+ * so what the previous process queued but never had acknowledged can neither
+ * be lost silently nor applied twice. What the new session must send first:
+ *   - nothing, after a clean stop (the dirty-region log is empty);
+ *   - the regions of the dirty-region log, after a crash (bitmap resync);
+ *   - the whole volume, the first time the group is protected or when an
+ *     initial sync never finished (initial sync).
+ * A sync reads through the tap (`readForSync`), so its reads take their place
+ * in the stream between the guest's writes and the target applies both in the
+ * right order. While a sync runs the group is not consistent at the target:
+ * the stream carries `sync-begin` and `sync-end` markers around it.
+ */
+import * as crypto from 'node:crypto';
+import * as path from 'node:path';
+import type { BackingStore, Extent, WriteData, ZeroOptions } from '../tap/backing-store.js';
+import { Tap, type TapConsumer, type TapEvent } from '../tap/tap.js';
+import type { JournalFileSystem } from '../journal/file-system.js';
+import type { Logger } from '../util/logger.js';
+import { readStateFile, writeStateFile } from '../util/state-file.js';
+import type { LinkConnector } from '../replication/link.js';
+import { TokenBucket } from '../replication/rate.js';
+import type { Scheduler } from '../replication/scheduler.js';
+import { Shipper, type ShipperStats } from '../replication/shipper.js';
+import { StreamQueue, type ByteRange } from '../replication/queue.js';
+import { DirtyGateStore, DirtyRegionLog } from '../replication/dirty-log.js';
+import type { ProtectConfig } from './config.js';
+
+/** A sync reads (and ships) the volume in pieces of this size. */
+export const syncPieceBytes = 1024 * 1024;
+/** A sync waits while the queue holds more than this, so it never pushes the queue into bitmap mode. */
+export const syncQueuedBytesMax = 32 * 1024 * 1024;
+/** A failed sync starts again after this pause. */
+export const syncRetryDelayMs = 5_000;
+/** How often the group checks its queue's mode and pending resyncs. */
+export const maintenanceIntervalMs = 200;
+/** Extents looked at per sync piece. */
+export const syncExtentsMax = 64;
+/** How long a quiesce may hold write completions at most, whatever the caller asks. */
+export const quiesceMsMax = 60_000;
+
+export type SyncState = 'initial-sync' | 'resync' | 'in-sync';
+
+export interface SyncProgress {
+  state: SyncState;
+  /** Why the current sync runs. */
+  reason: string | undefined;
+  bytesTotal: number;
+  bytesDone: number;
+  bytesLeft: number;
+  /** Bytes per second over the sync so far. */
+  rateBytesPerSecond: number;
+  /** Estimated time left, ms (undefined until a rate is known). */
+  etaMs: number | undefined;
+  startedMs: number | undefined;
+}
+
+export interface SourceVolume {
+  /** Id within the group (index in the group's volume list). */
+  id: number;
+  name: string;
+  /** The file (or any store) under the stack. */
+  file: BackingStore;
+}
+
+export interface SourceGroupOptions {
+  config: ProtectConfig;
+  site: string;
+  appliance: string;
+  volumes: SourceVolume[];
+  /** `<data>/source/<group>/`: dirty-region log, spill file, group state. */
+  directory: string;
+  fileSystem: JournalFileSystem;
+  scheduler: Scheduler;
+  connect: LinkConnector;
+  /** The appliance-wide bandwidth limit (shared by every group). */
+  applianceRateLimit: TokenBucket;
+  logger: Logger;
+}
+
+interface SourceGroupState {
+  version: 1;
+  createdMs: number;
+  /** The first full sync reached the end; until then every start syncs the whole volume again. */
+  initialSyncDone: boolean;
+}
+
+/** Holds new write completions while a quiesce is on (the checkpoint engine's hold). */
+class QuiesceGate implements BackingStore {
+  private hold: Promise<void> | undefined;
+
+  constructor(private readonly inner: Tap) {}
+
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+  setHold(hold: Promise<void> | undefined): void {
+    this.hold = hold;
+  }
+  private async after(done: Promise<void>): Promise<void> {
+    await done;
+    while (this.hold) await this.hold;
+  }
+  read(target: Buffer, offset: number): Promise<void> {
+    return this.inner.read(target, offset);
+  }
+  write(data: WriteData, offset: number): Promise<void> {
+    return this.after(this.inner.write(data, offset));
+  }
+  writeZeroes(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
+    return this.after(this.inner.writeZeroes(offset, lengthBytes, options));
+  }
+  trim(offset: number, lengthBytes: number): Promise<void> {
+    return this.after(this.inner.trim(offset, lengthBytes));
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  cache(offset: number, lengthBytes: number): Promise<void> {
+    return this.inner.cache(offset, lengthBytes);
+  }
+  extents(offset: number, lengthBytes: number, extentCountMax: number): Extent[] {
+    return this.inner.extents(offset, lengthBytes, extentCountMax);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+export interface SourceGroupStatus {
+  group: string;
+  role: 'source';
+  epoch: string;
+  target: string;
+  sync: SyncProgress;
+  queue: ReturnType<StreamQueue['stats']>;
+  shipper: ShipperStats;
+  rpoMs: number;
+  rpoMsTarget: number;
+  rpoMet: boolean;
+  /** Bytes per second shipped (wire bytes, after compression) over the last interval. */
+  throughputBytesPerSecond: number;
+  /** Raw bytes over wire bytes, of everything shipped. */
+  compressionRatio: number;
+  rateLimitBytesPerSecond: number;
+  quiesced: boolean;
+  volumes: { id: number; name: string; sizeBytes: number }[];
+}
+
+export class SourceGroup {
+  readonly name: string;
+  readonly config: ProtectConfig;
+  /** The current protection session (changes when the queue had to discard entries). */
+  epoch: string;
+  /** The stores the NBD server exports, by volume name. */
+  readonly exports = new Map<string, BackingStore>();
+  private readonly options: SourceGroupOptions;
+  private readonly queue: StreamQueue;
+  private readonly dirtyLog: DirtyRegionLog;
+  private shipper: Shipper;
+  private readonly taps = new Map<number, Tap>();
+  private readonly gates = new Map<number, QuiesceGate>();
+  readonly rateLimit: TokenBucket;
+  private state: SourceGroupState;
+  private sync: SyncProgress = { state: 'in-sync', reason: undefined, bytesTotal: 0, bytesDone: 0, bytesLeft: 0, rateBytesPerSecond: 0, etaMs: undefined, startedMs: undefined };
+  private syncRunning: Promise<void> | undefined;
+  private stopping = false;
+  private releaseQuiesce: (() => void) | undefined;
+  private quiesceTimer: ReturnType<Scheduler['setTimer']> | undefined;
+  private throughputSample = { timeMs: 0, wireBytes: 0, bytesPerSecond: 0 };
+  /** Ranges to resync that no sync has taken yet (failed writes, a queue in bitmap mode). */
+  private resyncPending: { volume: number; offset: number; lengthBytes: number }[] = [];
+  private resyncPendingReason: string | undefined;
+  private maintenanceTimer: ReturnType<Scheduler['setTimer']> | undefined;
+  /** Wire bytes shipped by shippers of earlier epochs (for the totals). */
+  private readonly shippedBefore = { rawBytesSent: 0, wireBytesSent: 0 };
+
+  private constructor(options: SourceGroupOptions, queue: StreamQueue, dirtyLog: DirtyRegionLog, state: SourceGroupState) {
+    this.options = options;
+    this.config = options.config;
+    this.name = options.config.group;
+    this.queue = queue;
+    this.dirtyLog = dirtyLog;
+    this.state = state;
+    this.epoch = `${options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
+    this.rateLimit = new TokenBucket(options.scheduler, options.config.rateLimitBytesPerSecond);
+    const consumer: TapConsumer = { accept: (event) => this.accept(event) };
+    for (const volume of options.volumes) {
+      const gated = new DirtyGateStore(volume.file, { log: dirtyLog, volume: volume.id });
+      const tap = new Tap(gated, { volume: volume.name, consumer, clock: options.scheduler });
+      const gate = new QuiesceGate(tap);
+      this.taps.set(volume.id, tap);
+      this.gates.set(volume.id, gate);
+      this.exports.set(volume.name, gate);
+    }
+    this.shipper = this.makeShipper(0);
+  }
+
+  private makeShipper(sequenceBase: number): Shipper {
+    const options = this.options;
+    return new Shipper({
+      hello: {
+        site: options.site,
+        appliance: options.appliance,
+        group: this.name,
+        epoch: this.epoch,
+        sequenceBase,
+        volumes: options.volumes.map((volume) => ({ id: volume.id, name: volume.name, sizeBytes: volume.file.sizeBytes })),
+      },
+      queue: this.queue,
+      connect: options.connect,
+      scheduler: options.scheduler,
+      codec: options.config.codec,
+      rateLimits: [options.applianceRateLimit, this.rateLimit],
+      logger: options.logger,
+      onAcknowledged: (sequence) => this.dirtyLog.acknowledged(sequence),
+    });
+  }
+
+  static async start(options: SourceGroupOptions): Promise<SourceGroup> {
+    const { fileSystem, directory } = options;
+    await fileSystem.mkdir(directory);
+    const statePath = path.join(directory, 'state.json');
+    const stored = await readStateFile<SourceGroupState>(fileSystem, statePath);
+    const state: SourceGroupState = stored ?? { version: 1, createdMs: options.scheduler.nowMs(), initialSyncDone: false };
+    if (!stored) await writeStateFile(fileSystem, statePath, state);
+    const dirtyLog = await DirtyRegionLog.open({
+      fileSystem,
+      directory: path.join(directory, 'dirty-log'),
+      scheduler: options.scheduler,
+      volumes: new Map(options.volumes.map((volume) => [volume.id, volume.file.sizeBytes])),
+    });
+    const queue = await StreamQueue.open({
+      name: options.config.group,
+      fileSystem,
+      spillDirectory: path.join(directory, 'spill'),
+      volumes: new Map(options.volumes.map((volume) => [volume.id, volume.file.sizeBytes])),
+      memoryBytesMax: options.config.queue.memoryBytesMax,
+      spillBytesMax: options.config.queue.spillBytesMax,
+      sequenceNext: 1,
+      clock: options.scheduler,
+    });
+    const group = new SourceGroup(options, queue, dirtyLog, state);
+    group.shipper.start();
+    group.beginSyncIfNeeded();
+    group.maintain();
+    return group;
+  }
+
+  /** The tap's events, in order per volume. */
+  private accept(event: TapEvent): void {
+    const volume = this.volumeIdOf(event.volume);
+    if (event.kind === 'failed') {
+      // The store failed the mutation: the range's content is unknown, so it must be read and sent again.
+      this.options.logger.error('a write failed at the source; its range will be resynced', { group: this.name, volume: event.volume, offset: event.offset, lengthBytes: event.lengthBytes });
+      this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, undefined);
+      this.resyncPending.push({ volume, offset: event.offset, lengthBytes: event.lengthBytes });
+      this.resyncPendingReason ??= 'a write failed at the source backing store';
+      return;
+    }
+    const input: Parameters<StreamQueue['push']>[0] = { kind: event.kind, volume, offset: event.offset, lengthBytes: event.lengthBytes, timeMs: event.sourceTimeMs };
+    if (event.data !== undefined) input.data = event.data;
+    const sequence = this.queue.push(input);
+    // A sync read copies the volume's current content; it needs no mark (see dirty-log.ts).
+    if (sequence !== undefined && event.origin !== 'sync') this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, sequence);
+    this.shipper.wake();
+  }
+
+  /**
+   * Runs every maintenanceIntervalMs: when the queue had to discard entries (bitmap mode), the
+   * stream cannot continue in this epoch, so the group starts a new session whose first job is
+   * to resync the discarded regions; pending resyncs start once no sync runs.
+   */
+  private maintain(): void {
+    if (this.stopping) return;
+    try {
+      if (this.queue.mode === 'bitmap') {
+        void this.newSessionAfterBitmap();
+      } else if (this.syncRetry && !this.syncActive && this.options.scheduler.nowMs() >= this.syncRetry.atMs) {
+        const retry = this.syncRetry;
+        this.syncRetry = undefined;
+        this.startSync(this.sync.state === 'in-sync' ? 'resync' : this.sync.state, this.sync.reason ?? 'retry', retry.regions, retry.initial);
+      } else if (this.resyncPending.length > 0 && this.sync.state === 'in-sync' && !this.syncActive) {
+        const regions = this.resyncPending;
+        this.resyncPending = [];
+        this.startSync('resync', this.resyncPendingReason ?? 'resync requested', regions, false);
+        this.resyncPendingReason = undefined;
+      }
+    } finally {
+      this.maintenanceTimer = this.options.scheduler.setTimer(maintenanceIntervalMs, () => this.maintain());
+    }
+  }
+
+  private sessionChanging = false;
+  private syncRetry: { regions: { volume: number; offset: number; lengthBytes: number }[]; initial: boolean; atMs: number } | undefined;
+  private syncActive = false;
+
+  private async newSessionAfterBitmap(): Promise<void> {
+    if (this.sessionChanging) return;
+    this.sessionChanging = true;
+    try {
+      const old = this.shipper;
+      await old.stop();
+      const stats = old.stats();
+      this.shippedBefore.rawBytesSent += stats.rawBytesSent;
+      this.shippedBefore.wireBytesSent += stats.wireBytesSent;
+      const regions = this.queue.takeResyncRegions();
+      this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
+      this.shipper = this.makeShipper(regions.sequenceDiscardedLast >= regions.sequenceDiscardedFirst ? regions.sequenceDiscardedLast : this.queue.sequenceLast);
+      this.shipper.start();
+      this.options.logger.warn('queue overflowed: new session with a resync of the discarded regions', { group: this.name, epoch: this.epoch, reason: regions.reason, resyncBytes: regions.resyncBytes });
+      for (const [volume, ranges] of regions.volumes) for (const range of ranges) this.resyncPending.push({ volume, offset: range.offset, lengthBytes: range.lengthBytes });
+      this.resyncPendingReason = `the queue discarded entries: ${regions.reason}`;
+    } finally {
+      this.sessionChanging = false;
+    }
+  }
+
+  private volumeIdOf(name: string): number {
+    for (const volume of this.options.volumes) if (volume.name === name) return volume.id;
+    throw new Error(`Volume '${name}' is not in group '${this.name}'`);
+  }
+
+  private pushMarker(kind: string, name?: string): { id: string; sequence: number } {
+    const id = `${kind}-${this.options.scheduler.nowMs()}-${crypto.randomBytes(4).toString('hex')}`;
+    const checkpoint: { id: string; kind: string; name?: string } = { id, kind };
+    if (name !== undefined) checkpoint.name = name;
+    const sequence = this.queue.push({ kind: 'checkpoint', volume: 0, offset: 0, lengthBytes: 0, timeMs: this.options.scheduler.nowMs(), checkpoint });
+    this.shipper.wake();
+    return { id, sequence: sequence ?? 0 };
+  }
+
+  private beginSyncIfNeeded(): void {
+    if (!this.state.initialSyncDone) {
+      const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
+      this.startSync('initial-sync', 'the group has not completed an initial sync', regions, true);
+      return;
+    }
+    const dirty = this.dirtyLog.dirtyRegions();
+    if (dirty.length > 0) {
+      this.startSync('resync', 'the dirty-region log holds regions the target never acknowledged (the appliance stopped without draining)', dirty, false);
+    }
+  }
+
+  private startSync(state: SyncState, reason: string, regions: { volume: number; offset: number; lengthBytes: number }[], initial: boolean): void {
+    let bytesTotal = 0;
+    for (const region of regions) bytesTotal += region.lengthBytes;
+    this.sync = { state, reason, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, rateBytesPerSecond: 0, etaMs: undefined, startedMs: this.options.scheduler.nowMs() };
+    this.options.logger.info('sync started', { group: this.name, state, reason, bytesTotal });
+    this.syncActive = true;
+    this.syncRunning = this.runSync(regions, initial)
+      .catch((error: unknown) => {
+        // The sync starts again from its beginning after a pause; until it ends the group stays in its sync state.
+        const message = (error as Error).message;
+        this.options.logger.error('sync failed; it will start again', { group: this.name, error: message, retryMs: syncRetryDelayMs });
+        this.sync.reason = `${this.sync.state} failed (${message}); it starts again in ${syncRetryDelayMs} ms`;
+        this.syncRetry = { regions, initial, atMs: this.options.scheduler.nowMs() + syncRetryDelayMs };
+      })
+      .finally(() => {
+        this.syncActive = false;
+      });
+  }
+
+  private async runSync(regions: { volume: number; offset: number; lengthBytes: number }[], initial: boolean): Promise<void> {
+    // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
+    const resyncToken = this.dirtyLog.beginResync();
+    this.pushMarker('sync-begin');
+    for (const region of regions) {
+      const tap = this.taps.get(region.volume);
+      if (!tap) continue;
+      const end = region.offset + region.lengthBytes;
+      for (let offset = region.offset; offset < end && !this.stopping; ) {
+        const lengthBytes = Math.min(syncPieceBytes, end - offset);
+        while (this.queue.stats().queuedBytes > syncQueuedBytesMax && !this.stopping) await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
+        if (this.stopping) break;
+        // Ranges that read as zeroes need no read: a zero entry says the same in a few bytes. It is
+        // pushed in the same turn as the extents were read, so a guest write that lands there later
+        // comes after it in the stream (see readForSync for the ranges with data).
+        const extents = tap.extents(offset, lengthBytes, syncExtentsMax);
+        const reads: { offset: number; lengthBytes: number }[] = [];
+        let at = offset;
+        for (const extent of extents) {
+          const extentEnd = Math.min(at + extent.lengthBytes, offset + lengthBytes);
+          if (extent.zero) this.queue.push({ kind: 'zero', volume: region.volume, offset: at, lengthBytes: extentEnd - at, timeMs: this.options.scheduler.nowMs() });
+          else reads.push({ offset: at, lengthBytes: extentEnd - at });
+          at = extentEnd;
+          if (at >= offset + lengthBytes) break;
+        }
+        if (at < offset + lengthBytes) reads.push({ offset: at, lengthBytes: offset + lengthBytes - at });
+        this.shipper.wake();
+        for (const read of reads) await tap.readForSync(read.offset, read.lengthBytes);
+        offset += lengthBytes;
+        this.noteSyncProgress(lengthBytes);
+      }
+      if (this.stopping) return;
+    }
+    const end = this.pushMarker('sync-end');
+    this.dirtyLog.endResync(resyncToken, end.sequence);
+    if (initial) {
+      this.state = { ...this.state, initialSyncDone: true };
+      await writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), this.state);
+    }
+    this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal });
+    this.sync = { ...this.sync, state: 'in-sync', bytesLeft: 0, etaMs: 0 };
+  }
+
+  private noteSyncProgress(bytes: number): void {
+    const sync = this.sync;
+    sync.bytesDone += bytes;
+    sync.bytesLeft = Math.max(0, sync.bytesTotal - sync.bytesDone);
+    const elapsedMs = this.options.scheduler.nowMs() - (sync.startedMs ?? 0);
+    sync.rateBytesPerSecond = elapsedMs > 0 ? (sync.bytesDone * 1000) / elapsedMs : 0;
+    sync.etaMs = sync.rateBytesPerSecond > 0 ? Math.round((sync.bytesLeft * 1000) / sync.rateBytesPerSecond) : undefined;
+  }
+
+  /** Holds write completions for at most `timeoutMs`, puts a checkpoint marker in the stream, and returns its id. */
+  quiesce(timeoutMs: number): { checkpointSequence: number } {
+    if (!(timeoutMs > 0 && timeoutMs <= quiesceMsMax)) throw new RangeError(`A quiesce timeout must be 1..${quiesceMsMax} ms, not ${timeoutMs}`);
+    if (this.releaseQuiesce) throw new Error(`Group '${this.name}' is already quiesced`);
+    const hold = new Promise<void>((resolve) => (this.releaseQuiesce = resolve));
+    for (const gate of this.gates.values()) gate.setHold(hold);
+    this.quiesceTimer = this.options.scheduler.setTimer(timeoutMs, () => this.release());
+    return { checkpointSequence: 0 };
+  }
+
+  /** Ends a quiesce (also when its timeout passes). */
+  release(): boolean {
+    const release = this.releaseQuiesce;
+    if (!release) return false;
+    this.releaseQuiesce = undefined;
+    this.quiesceTimer?.cancel();
+    for (const gate of this.gates.values()) gate.setHold(undefined);
+    release();
+    return true;
+  }
+
+  /** Puts a checkpoint marker into the stream after every write completed so far. */
+  checkpoint(kind: string, name?: string): { id: string; sequence: number } {
+    if (this.syncActive) throw new Error(`Cannot take a checkpoint of group '${this.name}' while its ${this.sync.state} runs: the target is not consistent until it ends`);
+    return this.pushMarker(kind, name);
+  }
+
+  setRate(bytesPerSecond: number): void {
+    this.rateLimit.setRate(bytesPerSecond);
+  }
+
+  rpoMs(): number {
+    const oldest = this.queue.stats().oldestUnacknowledgedTimeMs;
+    return oldest === undefined ? 0 : Math.max(0, this.options.scheduler.nowMs() - oldest);
+  }
+
+  status(): SourceGroupStatus {
+    const now = this.options.scheduler.nowMs();
+    const shipper = this.shipper.stats();
+    const sample = this.throughputSample;
+    if (now - sample.timeMs >= 1000) {
+      sample.bytesPerSecond = sample.timeMs === 0 ? 0 : ((shipper.wireBytesSent - sample.wireBytes) * 1000) / (now - sample.timeMs);
+      sample.timeMs = now;
+      sample.wireBytes = shipper.wireBytesSent;
+    }
+    const rpoMs = this.rpoMs();
+    return {
+      group: this.name,
+      role: 'source',
+      epoch: this.epoch,
+      target: `${this.config.target.appliance} at ${this.config.target.address.host}:${this.config.target.address.port}`,
+      sync: { ...this.sync },
+      queue: this.queue.stats(),
+      shipper,
+      rpoMs,
+      rpoMsTarget: this.config.rpoMsTarget,
+      rpoMet: rpoMs <= this.config.rpoMsTarget,
+      throughputBytesPerSecond: Math.round(sample.bytesPerSecond),
+      compressionRatio: shipper.wireBytesSent > 0 ? shipper.rawBytesSent / shipper.wireBytesSent : 1,
+      rateLimitBytesPerSecond: this.rateLimit.rateBytesPerSecond,
+      quiesced: this.releaseQuiesce !== undefined,
+      volumes: this.options.volumes.map((volume) => ({ id: volume.id, name: volume.name, sizeBytes: volume.file.sizeBytes })),
+    };
+  }
+
+  /**
+   * Stops the group: waits up to `drainMs` for the target to acknowledge everything queued (so that
+   * the next start need not resync), then stops the shipper and persists the dirty-region log.
+   */
+  async stop(drainMs: number): Promise<void> {
+    this.stopping = true;
+    this.maintenanceTimer?.cancel();
+    this.release();
+    await this.syncRunning;
+    const deadline = this.options.scheduler.nowMs() + drainMs;
+    while (this.queue.stats().queuedEntries > 0 && this.options.scheduler.nowMs() < deadline) {
+      await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
+    }
+    await this.shipper.stop();
+    await this.dirtyLog.flushClears();
+    await this.dirtyLog.close();
+    await this.queue.close();
+  }
+}

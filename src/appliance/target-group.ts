@@ -1,0 +1,265 @@
+/**
+ * A protection group in the target role: its journal (units from the group's
+ * pool, replicas as raw files) and the streams that feed it.
+ *
+ * Streams and epochs. Every protection session of a source appliance has its
+ * own epoch. Each (source appliance, epoch) gets its own journal stream id, so
+ * a new session starts at sequence 1 in a stream of its own and two histories
+ * are never mixed in one stream. Only the newest epoch of a source may append:
+ * a HELLO with an older epoch (a stale process, a restored source) is refused
+ * as diverged. The mapping is persisted before the WELCOME that depends on it.
+ */
+import * as path from 'node:path';
+import { Journal, type AppendRecord, type JournalStatus } from '../journal/journal.js';
+import type { JournalFileSystem } from '../journal/file-system.js';
+import { JournalPool } from '../journal/pool.js';
+import type { CheckpointMarker } from '../journal/record.js';
+import { FileBackingStore, type BackingStore } from '../tap/backing-store.js';
+import type { Clock } from '../tap/tap.js';
+import type { Logger } from '../util/logger.js';
+import { readStateFile, writeStateFile } from '../util/state-file.js';
+import type { ReceiverStream } from '../replication/receiver.js';
+import type { Hello, Refuse, StreamEntry } from '../replication/wire.js';
+import type { ReceiveGroupConfig } from './config.js';
+
+/** Journal stream ids are 16-bit (see journal.ts); 0 is not used. */
+export const journalStreamIdMax = 0xffff;
+const stateFileName = 'group-state.json';
+
+export interface StreamRecord {
+  /** Journal stream id. */
+  stream: number;
+  appliance: string;
+  site: string;
+  epoch: string;
+  /** Wire sequence of the epoch's first entry minus 1; the journal numbers the stream from 1. */
+  sequenceBase: number;
+  startedMs: number;
+  /** The source's volume id → the journal's volume id (index in the group's volume list). */
+  volumes: Record<string, number>;
+}
+
+interface GroupState {
+  version: 1;
+  streams: StreamRecord[];
+}
+
+export interface TargetGroupOptions {
+  config: ReceiveGroupConfig;
+  /** `<data>/groups/<group>/`: the group's state and journal metadata. */
+  directory: string;
+  fileSystem: JournalFileSystem;
+  clock: Clock;
+  logger: Logger;
+  /** Replicas by journal volume id; default: the configured raw files. */
+  replicas?: Map<number, BackingStore>;
+}
+
+export interface TargetGroupStatus {
+  group: string;
+  role: 'target';
+  streams: { stream: number; appliance: string; epoch: string; current: boolean; sequenceDurable: number; sequencePromoted: number; timeMsDurable: number | undefined; connected: boolean }[];
+  /** Source time of the newest entry durable in every current stream (the target's newest recoverable point). */
+  timeMsNewestDurable: number | undefined;
+  journal: JournalStatus;
+}
+
+export class TargetGroup {
+  readonly name: string;
+  readonly config: ReceiveGroupConfig;
+  readonly journal: Journal;
+  private readonly options: TargetGroupOptions;
+  private state: GroupState;
+  private readonly replicas: Map<number, BackingStore>;
+  private readonly timeMsDurable = new Map<number, number>();
+  private readonly connected = new Set<number>();
+
+  private constructor(options: TargetGroupOptions, journal: Journal, state: GroupState, replicas: Map<number, BackingStore>) {
+    this.options = options;
+    this.config = options.config;
+    this.name = options.config.group;
+    this.journal = journal;
+    this.state = state;
+    this.replicas = replicas;
+  }
+
+  static async open(options: TargetGroupOptions): Promise<TargetGroup> {
+    const { config, fileSystem } = options;
+    await fileSystem.mkdir(options.directory);
+    const state = (await readStateFile<GroupState>(fileSystem, path.join(options.directory, stateFileName))) ?? { version: 1, streams: [] };
+    const replicas = options.replicas ?? new Map<number, BackingStore>();
+    const opened: BackingStore[] = [];
+    try {
+      if (!options.replicas) {
+        config.volumes.forEach((volume, index) => {
+          const store = FileBackingStore.open({ path: volume.replica, readOnly: false, createSizeBytes: volume.sizeBytes });
+          opened.push(store);
+          if (store.sizeBytes !== volume.sizeBytes) {
+            throw new Error(`Cannot use replica of volume '${volume.name}' of group '${config.group}' as it has ${store.sizeBytes} bytes, not ${volume.sizeBytes}: path is ${volume.replica}`);
+          }
+          replicas.set(index, store);
+        });
+      }
+      for (const datastore of config.journal.datastores) await fileSystem.mkdir(datastore.path);
+      const journal = await Journal.open({
+        name: config.group,
+        directory: path.join(options.directory, 'journal'),
+        fileSystem,
+        pool: new JournalPool(fileSystem, config.journal.datastores),
+        replicas,
+        clock: options.clock,
+        unitBytes: config.journal.unitBytes,
+        historyMs: config.historyMs,
+        sizeLimitBytes: config.journal.sizeLimitBytes,
+        sizeWarningBytes: config.journal.sizeWarningBytes,
+      });
+      if (journal.openReport.cut) options.logger.warn('journal tail cut on open', { group: config.group, ...journal.openReport.cut });
+      return new TargetGroup(options, journal, state, replicas);
+    } catch (error) {
+      for (const store of opened) await store.close().catch(() => {});
+      throw error;
+    }
+  }
+
+  private currentStreamOf(appliance: string): StreamRecord | undefined {
+    let current: StreamRecord | undefined;
+    for (const record of this.state.streams) if (record.appliance === appliance && (!current || record.stream > current.stream)) current = record;
+    return current;
+  }
+
+  /** Checks a HELLO for this group and opens (or creates) its stream. */
+  async openStream(hello: Hello, peerName: string | undefined): Promise<{ stream: ReceiverStream } | { refuse: Refuse }> {
+    if (peerName !== undefined && peerName !== hello.appliance) {
+      return { refuse: { code: 'not-allowed', message: `the certificate names appliance '${peerName}' but the stream claims '${hello.appliance}'` } };
+    }
+    if (!this.config.sources.includes(hello.appliance)) {
+      return { refuse: { code: 'not-allowed', message: `appliance '${hello.appliance}' is not a source of group '${this.name}' (sources: ${this.config.sources.join(', ')})` } };
+    }
+    const volumes: Record<string, number> = {};
+    for (const volume of hello.volumes) {
+      const index = this.config.volumes.findIndex((candidate) => candidate.name === volume.name);
+      if (index < 0) return { refuse: { code: 'volumes-differ', message: `group '${this.name}' has no volume '${volume.name}' here` } };
+      const sizeBytes = this.config.volumes[index]!.sizeBytes;
+      if (sizeBytes !== volume.sizeBytes) {
+        return { refuse: { code: 'volumes-differ', message: `volume '${volume.name}' has ${volume.sizeBytes} bytes at the source and ${sizeBytes} here` } };
+      }
+      volumes[String(volume.id)] = index;
+    }
+    let record = this.state.streams.find((candidate) => candidate.appliance === hello.appliance && candidate.epoch === hello.epoch);
+    const current = this.currentStreamOf(hello.appliance);
+    if (record && record !== current) {
+      return { refuse: { code: 'epoch-diverged', message: `epoch ${hello.epoch} of '${hello.appliance}' was superseded by epoch ${current!.epoch}` } };
+    }
+    if (record && record.sequenceBase !== hello.sequenceBase) {
+      return { refuse: { code: 'epoch-diverged', message: `epoch ${hello.epoch} began at sequence ${record.sequenceBase + 1}, not ${hello.sequenceBase + 1}` } };
+    }
+    if (record && JSON.stringify(record.volumes) !== JSON.stringify(volumes)) {
+      return { refuse: { code: 'volumes-differ', message: `the volumes of epoch ${hello.epoch} changed within the session` } };
+    }
+    if (!record) {
+      const streamIdLast = this.state.streams.reduce((max, candidate) => Math.max(max, candidate.stream), 0);
+      if (streamIdLast >= journalStreamIdMax) return { refuse: { code: 'busy', message: `group '${this.name}' has used all ${journalStreamIdMax} stream ids` } };
+      record = { stream: streamIdLast + 1, appliance: hello.appliance, site: hello.site, epoch: hello.epoch, sequenceBase: hello.sequenceBase, startedMs: this.options.clock.nowMs(), volumes };
+      const next: GroupState = { version: 1, streams: [...this.state.streams, record] };
+      await writeStateFile(this.options.fileSystem, path.join(this.options.directory, stateFileName), next);
+      this.state = next;
+      this.options.logger.info('new stream epoch', { group: this.name, source: hello.appliance, epoch: hello.epoch, stream: record.stream, previousEpoch: current?.epoch });
+    }
+    const streamRecord = record;
+    const journalStream = streamRecord.stream;
+    const sequenceDurable = streamRecord.sequenceBase + (this.journal.status().streams.find((entry) => entry.stream === journalStream)?.sequenceLast ?? 0);
+    this.connected.add(journalStream);
+    const group = this;
+    return {
+      stream: {
+        sequenceDurable,
+        append: (entries) => group.append(streamRecord, entries),
+        release: () => group.connected.delete(journalStream),
+      },
+    };
+  }
+
+  /** Appends a stream's entries to the journal in pieces of at most half a unit; resolves once all are durable. */
+  private async append(record: StreamRecord, entries: StreamEntry[]): Promise<void> {
+    const pieceBytesMax = Math.floor(this.config.journal.unitBytes / 2) - 64 * 1024;
+    const pieces: AppendRecord[][] = [];
+    let piece: AppendRecord[] = [];
+    let pieceBytes = 0;
+    for (const entry of entries) {
+      const appendRecord = this.toAppendRecord(record, entry);
+      const bytes = 64 + (entry.data?.length ?? 0);
+      if (piece.length > 0 && pieceBytes + bytes > pieceBytesMax) {
+        pieces.push(piece);
+        piece = [];
+        pieceBytes = 0;
+      }
+      piece.push(appendRecord);
+      pieceBytes += bytes;
+    }
+    if (piece.length > 0) pieces.push(piece);
+    // Queued together, committed in order; the last one's durability covers the rest.
+    await Promise.all(pieces.map((records) => this.journal.append(records)));
+    const last = entries[entries.length - 1];
+    if (last) this.timeMsDurable.set(record.stream, last.timeMs);
+  }
+
+  private toAppendRecord(record: StreamRecord, entry: StreamEntry): AppendRecord {
+    const base = { stream: record.stream, sequence: entry.sequence - record.sequenceBase, timeMs: Math.round(entry.timeMs) };
+    if (entry.kind === 'checkpoint') {
+      let parsed: { id?: unknown; kind?: unknown; name?: unknown };
+      try {
+        parsed = JSON.parse((entry.data ?? Buffer.alloc(0)).toString('utf8')) as typeof parsed;
+      } catch {
+        throw new Error(`Checkpoint marker ${entry.sequence} of stream ${record.stream} is not JSON`);
+      }
+      if (typeof parsed.id !== 'string' || typeof parsed.kind !== 'string') throw new Error(`Checkpoint marker ${entry.sequence} of stream ${record.stream} has no id or kind`);
+      const checkpoint: CheckpointMarker = { id: parsed.id, kind: parsed.kind, streams: this.currentStreams() };
+      if (typeof parsed.name === 'string') checkpoint.name = parsed.name;
+      return { ...base, kind: 'checkpoint', volume: 0, offset: 0, checkpoint };
+    }
+    const volume = record.volumes[String(entry.volume)];
+    if (volume === undefined) throw new Error(`Stream ${record.stream} sent an entry for volume ${entry.volume}, which its HELLO did not name`);
+    if (entry.kind === 'write') return { ...base, kind: 'write', volume, offset: entry.offset, data: entry.data! };
+    return { ...base, kind: entry.kind, volume, offset: entry.offset, lengthBytes: entry.lengthBytes };
+  }
+
+  /** Journal stream ids of the newest epoch of every source that has connected. */
+  private currentStreams(): number[] {
+    const streams: number[] = [];
+    for (const appliance of this.config.sources) {
+      const current = this.currentStreamOf(appliance);
+      if (current) streams.push(current.stream);
+    }
+    return streams;
+  }
+
+  status(): TargetGroupStatus {
+    const journal = this.journal.status();
+    const currentStreams = new Set(this.currentStreams());
+    const streams = this.state.streams.map((record) => {
+      const entry = journal.streams.find((candidate) => candidate.stream === record.stream);
+      return {
+        stream: record.stream,
+        appliance: record.appliance,
+        epoch: record.epoch,
+        current: currentStreams.has(record.stream),
+        sequenceDurable: entry?.sequenceLast ?? 0,
+        sequencePromoted: entry?.sequencePromoted ?? 0,
+        timeMsDurable: this.timeMsDurable.get(record.stream),
+        connected: this.connected.has(record.stream),
+      };
+    });
+    const times = streams.filter((stream) => stream.current).map((stream) => stream.timeMsDurable);
+    const timeMsNewestDurable = times.length > 0 && times.every((time) => time !== undefined) ? Math.min(...(times as number[])) : undefined;
+    return { group: this.name, role: 'target', streams, timeMsNewestDurable, journal };
+  }
+
+  replica(volume: number): BackingStore | undefined {
+    return this.replicas.get(volume);
+  }
+
+  async close(): Promise<void> {
+    await this.journal.close();
+    for (const replica of this.replicas.values()) await replica.close();
+  }
+}
