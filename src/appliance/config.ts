@@ -13,6 +13,7 @@
 import * as path from 'node:path';
 import { parseSizeBytes } from '../util/size.js';
 import type { CodecName } from '../replication/codec.js';
+import { linkSilenceMsMax, pingIntervalMs } from '../replication/shipper.js';
 
 export interface Address {
   host: string;
@@ -42,6 +43,13 @@ export interface ProtectConfig {
   rateLimitBytesPerSecond: number;
   rpoMsTarget: number;
   queue: QueueConfig;
+  /**
+   * Nothing heard from the target for this long (it answers the pings sent
+   * every 2 s) ends the replication session and the source reconnects: how
+   * soon a link that went silent (a blackhole, a dead peer whose connection
+   * was not closed) is given up. Default 15 s; at least 4 s.
+   */
+  linkSilenceMs: number;
 }
 
 export interface DatastoreConfigEntry {
@@ -79,6 +87,8 @@ export const queueMemoryBytesDefault = 256 * 1024 * 1024;
 export const queueSpillBytesDefault = 4 * 1024 * 1024 * 1024;
 export const rpoMsTargetDefault = 10_000;
 export const unitBytesDefault = 256 * 1024 * 1024;
+/** A unit holds whole batches of half its size; stream entries are at most 1 MiB (source-group.ts). */
+export const unitBytesMin = 4 * 1024 * 1024;
 export const datastoreFreeBytesMinDefault = 1024 * 1024 * 1024;
 
 export class ConfigError extends Error {
@@ -176,7 +186,7 @@ function unique(values: string[], field: string, what: string): void {
 /** Validates one protection entry (also used by the control API's `POST /v1/protect`). */
 export function parseProtectConfig(value: unknown, field: string, baseDirectory: string): ProtectConfig {
   const read = new Reader(baseDirectory);
-  const raw = read.object(value, field, ['group', 'volumes', 'target', 'codec', 'rateLimitBytesPerSecond', 'rpoMsTarget', 'queue']);
+  const raw = read.object(value, field, ['group', 'volumes', 'target', 'codec', 'rateLimitBytesPerSecond', 'rpoMsTarget', 'queue', 'linkSilenceMs']);
   const target = read.object(raw['target'], `${field}.target`, ['address', 'appliance']);
   const queue = read.object(raw['queue'] ?? {}, `${field}.queue`, ['memoryBytesMax', 'spillBytesMax']);
   const volumes = read.list(raw['volumes'], `${field}.volumes`).map((name, index) => read.name(name, `${field}.volumes[${index}]`));
@@ -193,13 +203,14 @@ export function parseProtectConfig(value: unknown, field: string, baseDirectory:
       memoryBytesMax: queue['memoryBytesMax'] === undefined ? queueMemoryBytesDefault : read.size(queue['memoryBytesMax'], `${field}.queue.memoryBytesMax`, 1024 * 1024),
       spillBytesMax: queue['spillBytesMax'] === undefined ? queueSpillBytesDefault : read.size(queue['spillBytesMax'], `${field}.queue.spillBytesMax`),
     },
+    linkSilenceMs: raw['linkSilenceMs'] === undefined ? linkSilenceMsMax : read.duration(raw['linkSilenceMs'], `${field}.linkSilenceMs`, 2 * pingIntervalMs),
   };
 }
 
 function parseReceiveGroup(value: unknown, field: string, read: Reader): ReceiveGroupConfig {
   const raw = read.object(value, field, ['group', 'sources', 'volumes', 'historyMs', 'journal']);
   const journal = read.object(raw['journal'], `${field}.journal`, ['unitBytes', 'sizeLimitBytes', 'sizeWarningBytes', 'datastores']);
-  const unitBytes = journal['unitBytes'] === undefined ? unitBytesDefault : read.size(journal['unitBytes'], `${field}.journal.unitBytes`, 64 * 1024);
+  const unitBytes = journal['unitBytes'] === undefined ? unitBytesDefault : read.size(journal['unitBytes'], `${field}.journal.unitBytes`, unitBytesMin);
   const sizeLimitBytes = read.size(journal['sizeLimitBytes'], `${field}.journal.sizeLimitBytes`, 4 * unitBytes);
   const sizeWarningBytes = journal['sizeWarningBytes'] === undefined ? Math.floor(sizeLimitBytes * 0.8) : read.size(journal['sizeWarningBytes'], `${field}.journal.sizeWarningBytes`);
   if (sizeWarningBytes > sizeLimitBytes) throw new ConfigError(`${field}.journal.sizeWarningBytes`, 'the warning threshold is above the hard limit');

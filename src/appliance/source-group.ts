@@ -35,6 +35,8 @@ import { StreamQueue, type ByteRange } from '../replication/queue.js';
 import { DirtyGateStore, DirtyRegionLog } from '../replication/dirty-log.js';
 import type { ProtectConfig } from './config.js';
 
+/** Largest write entry in the stream; a larger guest write is split (journal units must hold whole records). */
+export const streamEntryDataBytesMax = 1024 * 1024;
 /** A sync reads (and ships) the volume in pieces of this size. */
 export const syncPieceBytes = 1024 * 1024;
 /** A sync waits while the queue holds more than this, so it never pushes the queue into bitmap mode. */
@@ -224,6 +226,7 @@ export class SourceGroup {
       scheduler: options.scheduler,
       codec: options.config.codec,
       rateLimits: [options.applianceRateLimit, this.rateLimit],
+      linkSilenceMs: options.config.linkSilenceMs,
       logger: options.logger,
       onAcknowledged: (sequence) => this.dirtyLog.acknowledged(sequence),
     });
@@ -270,11 +273,25 @@ export class SourceGroup {
       this.resyncPendingReason ??= 'a write failed at the source backing store';
       return;
     }
-    const input: Parameters<StreamQueue['push']>[0] = { kind: event.kind, volume, offset: event.offset, lengthBytes: event.lengthBytes, timeMs: event.sourceTimeMs };
-    if (event.data !== undefined) input.data = event.data;
-    const sequence = this.queue.push(input);
-    // A sync read copies the volume's current content; it needs no mark (see dirty-log.ts).
-    if (sequence !== undefined && event.origin !== 'sync') this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, sequence);
+    let sequence: number | undefined;
+    if (event.data !== undefined && event.lengthBytes > streamEntryDataBytesMax) {
+      // A large write travels as several entries, so that every journal record fits well inside a unit.
+      const data = Buffer.isBuffer(event.data) ? event.data : Buffer.concat(event.data);
+      let discarded = false;
+      for (let at = 0; at < data.length; at += streamEntryDataBytesMax) {
+        const piece = data.subarray(at, Math.min(data.length, at + streamEntryDataBytesMax));
+        sequence = this.queue.push({ kind: 'write', volume, offset: event.offset + at, lengthBytes: piece.length, timeMs: event.sourceTimeMs, data: piece });
+        if (sequence === undefined) discarded = true;
+      }
+      if (discarded) sequence = undefined;
+    } else {
+      const input: Parameters<StreamQueue['push']>[0] = { kind: event.kind, volume, offset: event.offset, lengthBytes: event.lengthBytes, timeMs: event.sourceTimeMs };
+      if (event.data !== undefined) input.data = event.data;
+      sequence = this.queue.push(input);
+    }
+    // One note per guest write, with its last entry's sequence (acknowledgements are cumulative). A sync read
+    // copies the volume's current content and passed no mark, so it is not noted (see dirty-log.ts).
+    if (event.origin !== 'sync') this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, sequence);
     this.shipper.wake();
   }
 

@@ -44,7 +44,7 @@ export const batchAgeMsMaxDefault = 20;
 export const windowBytesMaxDefault = 64 * 1024 * 1024;
 /** From HELLO to WELCOME. */
 export const helloTimeoutMsMax = 10_000;
-/** A link with nothing received for this long is taken as dead (the peer answers pings). */
+/** A link with nothing received for this long is taken as dead (the peer answers pings); the shipper's default (`linkSilenceMs`). */
 export const linkSilenceMsMax = 15_000;
 export const pingIntervalMs = 2_000;
 /** Reconnection backoff: doubles from the minimum up to the maximum, reset by a successful session. */
@@ -82,6 +82,8 @@ export interface ShipperOptions {
   batchBytesMax?: number;
   batchAgeMsMax?: number;
   windowBytesMax?: number;
+  /** Nothing heard from the target for this long ends the session (default linkSilenceMsMax; more than pingIntervalMs). */
+  linkSilenceMs?: number;
   logger?: Logger;
   /** Called after the queue has dropped everything up to `sequence` (the dirty-region log clears with it). */
   onAcknowledged?(sequence: number, timeMsDurable: number): void;
@@ -119,6 +121,7 @@ export class Shipper {
   private readonly batchBytesMax: number;
   private readonly batchAgeMsMax: number;
   private readonly windowBytesMax: number;
+  private readonly linkSilenceMs: number;
   private stateNow: ShipperState = 'idle';
   private reason: string | undefined;
   private link: FrameLink | undefined;
@@ -144,6 +147,8 @@ export class Shipper {
     this.batchBytesMax = options.batchBytesMax ?? batchBytesMaxDefault;
     this.batchAgeMsMax = options.batchAgeMsMax ?? batchAgeMsMaxDefault;
     this.windowBytesMax = options.windowBytesMax ?? windowBytesMaxDefault;
+    this.linkSilenceMs = options.linkSilenceMs ?? linkSilenceMsMax;
+    if (!(this.linkSilenceMs > pingIntervalMs)) throw new RangeError(`A shipper's silence timeout (${this.linkSilenceMs} ms) must be longer than its ping interval (${pingIntervalMs} ms)`);
     if (!(this.batchBytesMax > 0 && this.windowBytesMax >= this.batchBytesMax)) {
       throw new RangeError(`A shipper's window (${this.windowBytesMax} bytes) must hold at least one batch (${this.batchBytesMax} bytes)`);
     }
@@ -250,8 +255,8 @@ export class Shipper {
       const helloTimer = this.scheduler.setTimer(helloTimeoutMsMax, () => finish({ reason: `no answer to HELLO within ${helloTimeoutMsMax} ms` }));
       const ping = (): void => {
         if (finished) return;
-        if (this.scheduler.nowMs() - lastHeardMs > linkSilenceMsMax) {
-          finish({ reason: `nothing heard from the target for ${linkSilenceMsMax} ms` });
+        if (this.scheduler.nowMs() - lastHeardMs > this.linkSilenceMs) {
+          finish({ reason: `nothing heard from the target for ${this.linkSilenceMs} ms` });
           link.close(new Error('link silent'));
           return;
         }
@@ -352,6 +357,11 @@ export class Shipper {
         await this.pumpOnce();
       } while (this.pumpAgain && !this.stopped);
     } catch (error) {
+      if ((error as { code?: string }).code === 'ENODATA') {
+        // The queue discarded entries (bitmap mode): this epoch cannot go on; the group starts a new session with a resync.
+        this.logger.warn('shipper stopped: the queue discarded entries of this session', { group: this.options.hello.group, error: describe(error) });
+        return;
+      }
       this.logger.error('shipper failed to read its queue', { group: this.options.hello.group, error: describe(error) });
       this.link?.close(error instanceof Error ? error : new Error(String(error)));
     } finally {

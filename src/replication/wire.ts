@@ -131,6 +131,7 @@ export class FrameReader {
         const typeId = raw.readUInt8(4);
         const type = frameTypeNames.get(typeId);
         if (!type) throw new WireProtocolError(`unknown frame type ${typeId}`);
+        if (raw.readUInt8(5) !== 0 || raw.readUInt16LE(6) !== 0) throw new WireProtocolError(`a ${type} frame has flags or reserved bits set (a newer protocol?)`);
         const bytes = raw.readUInt32LE(8);
         if (bytes > framePayloadBytesMax) throw new WireProtocolError(`a ${type} frame announces ${bytes} bytes, over the limit of ${framePayloadBytesMax}`);
         if (type !== 'batch' && bytes > controlPayloadBytesMax) throw new WireProtocolError(`a ${type} frame announces ${bytes} bytes, over the limit of ${controlPayloadBytesMax}`);

@@ -1,0 +1,111 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { testSeed } from '../../test/helpers.js';
+import {
+  decodeAck,
+  decodeBatchBody,
+  decodeBatchHeader,
+  decodeHello,
+  encodeAck,
+  encodeBatchBody,
+  encodeBatchHeader,
+  encodeFrame,
+  encodeJson,
+  FrameReader,
+  frameHeaderBytes,
+  protocolVersion,
+  WireProtocolError,
+  type StreamEntry,
+} from './wire.js';
+
+const entryArbitrary = fc.oneof(
+  fc.record({ kind: fc.constant('write' as const), volume: fc.integer({ min: 0, max: 0xffff }), offset: fc.integer({ min: 0, max: 2 ** 40 }), data: fc.uint8Array({ minLength: 1, maxLength: 3000 }), timeMs: fc.integer({ min: 0, max: 2 ** 45 }) }),
+  fc.record({ kind: fc.constantFrom('zero' as const, 'trim' as const), volume: fc.integer({ min: 0, max: 0xffff }), offset: fc.integer({ min: 0, max: 2 ** 40 }), lengthBytes: fc.integer({ min: 1, max: 2 ** 31 }), timeMs: fc.integer({ min: 0, max: 2 ** 45 }) }),
+);
+
+type RawEntry = typeof entryArbitrary extends fc.Arbitrary<infer T> ? T : never;
+
+function toEntries(raw: RawEntry[], sequenceFirst: number): StreamEntry[] {
+  return raw.map((entry, index) => {
+    if (entry.kind === 'write') {
+      const data = Buffer.from(entry.data);
+      return { sequence: sequenceFirst + index, kind: 'write', volume: entry.volume, offset: entry.offset, lengthBytes: data.length, timeMs: entry.timeMs, data };
+    }
+    return { sequence: sequenceFirst + index, kind: entry.kind, volume: entry.volume, offset: entry.offset, lengthBytes: entry.lengthBytes, timeMs: entry.timeMs };
+  });
+}
+
+test('batches round-trip through frames split at any byte', () => {
+  const seed = testSeed('wire round-trip');
+  fc.assert(
+    fc.property(fc.array(entryArbitrary, { minLength: 1, maxLength: 40 }), fc.integer({ min: 1, max: 2 ** 40 }), fc.integer({ min: 1, max: 97 }), (raw, sequenceFirst, splitBytes) => {
+      const entries = toEntries(raw, sequenceFirst);
+      const body = Buffer.concat(encodeBatchBody(entries));
+      const header = encodeBatchHeader({ sequenceFirst, count: entries.length, codec: 'none', rawBytes: body.length });
+      const wire = Buffer.concat(encodeFrame('batch', [header, body]));
+      const reader = new FrameReader();
+      const frames = [];
+      for (let at = 0; at < wire.length; at += splitBytes) frames.push(...reader.push(wire.subarray(at, at + splitBytes)));
+      assert.equal(frames.length, 1);
+      const decoded = decodeBatchHeader(frames[0]!);
+      assert.deepEqual(decodeBatchBody(decoded.header, decoded.body).map((entry) => (entry.data ? { ...entry, data: Buffer.from(entry.data) } : entry)), entries);
+    }),
+    { seed, numRuns: 300 },
+  );
+});
+
+test('a damaged frame is refused by its CRC, its magic or its limits, never read out of bounds', () => {
+  const seed = testSeed('wire damage');
+  const entries: StreamEntry[] = [{ sequence: 5, kind: 'write', volume: 1, offset: 4096, lengthBytes: 8, timeMs: 1, data: Buffer.from('abcdefgh') }];
+  const body = Buffer.concat(encodeBatchBody(entries));
+  const wire = Buffer.concat(encodeFrame('batch', [encodeBatchHeader({ sequenceFirst: 5, count: 1, codec: 'none', rawBytes: body.length }), body]));
+  fc.assert(
+    fc.property(fc.integer({ min: 0, max: wire.length * 8 - 1 }), (bit) => {
+      const damaged = Buffer.from(wire);
+      damaged[bit >> 3]! ^= 1 << (bit & 7);
+      const reader = new FrameReader();
+      try {
+        const frames = reader.push(damaged);
+        // A flip in the length field may leave the reader waiting for more bytes: nothing is decoded.
+        for (const frame of frames) {
+          const decoded = decodeBatchHeader(frame);
+          decodeBatchBody(decoded.header, decoded.body);
+        }
+        // Only a flip in the type byte can leave a well-formed frame (of another type).
+        assert.ok(frames.length === 0 || (bit >= 8 * 4 && bit < 8 * 5), `bit ${bit} flipped and the frame was still accepted`);
+      } catch (error) {
+        assert.ok(error instanceof WireProtocolError, `bit ${bit}: ${(error as Error).message}`);
+      }
+    }),
+    { seed, numRuns: 500 },
+  );
+});
+
+test('hand-made bodies that lie about their sizes are refused', () => {
+  const fixed = Buffer.alloc(32);
+  fixed.writeUInt8(1, 0);
+  fixed.writeUInt32LE(100, 4);
+  fixed.writeUInt32LE(100, 24);
+  assert.throws(() => decodeBatchBody({ sequenceFirst: 1, count: 1, codec: 'none', rawBytes: 32 }, fixed), /runs past the batch/);
+  fixed.writeUInt32LE(0, 24);
+  assert.throws(() => decodeBatchBody({ sequenceFirst: 1, count: 1, codec: 'none', rawBytes: 32 }, fixed), /0 data bytes for a length of 100/);
+  fixed.writeUInt8(9, 0);
+  assert.throws(() => decodeBatchBody({ sequenceFirst: 1, count: 1, codec: 'none', rawBytes: 32 }, fixed), /unknown kind 9/);
+  assert.throws(() => decodeBatchBody({ sequenceFirst: 1, count: 2, codec: 'none', rawBytes: 32 }, Buffer.alloc(32)), /unknown kind 0/);
+  const oversized = Buffer.alloc(frameHeaderBytes);
+  oversized.writeUInt32LE(0x5052_4c4c, 0);
+  oversized.writeUInt8(1, 4);
+  oversized.writeUInt32LE(2 * 1024 * 1024, 8);
+  assert.throws(() => new FrameReader().push(oversized), /over the limit/);
+});
+
+test('HELLO and ACK decode what was encoded and refuse malformed fields', () => {
+  const hello = { protocolVersion, site: 'site-a', appliance: 'a1', group: 'pg1', epoch: 'e-1', sequenceBase: 0, volumes: [{ id: 0, name: 'disk0', sizeBytes: 1 << 20 }] };
+  assert.deepEqual(decodeHello({ type: 'hello', payload: encodeJson(hello) }), hello);
+  assert.throws(() => decodeHello({ type: 'hello', payload: encodeJson({ ...hello, group: '../x' }) }), /'group' is not a name/);
+  assert.throws(() => decodeHello({ type: 'hello', payload: Buffer.from('{') }), /not valid JSON/);
+  assert.throws(() => decodeHello({ type: 'hello', payload: encodeJson({ ...hello, sequenceBase: -1 }) }), /'sequenceBase'/);
+  assert.deepEqual(decodeAck({ type: 'ack', payload: encodeAck({ sequenceDurable: 2 ** 40 + 3, timeMsDurable: 1234.5 }) }), { sequenceDurable: 2 ** 40 + 3, timeMsDurable: 1234.5 });
+  assert.throws(() => decodeAck({ type: 'ack', payload: Buffer.alloc(15) }), /not 16/);
+});
