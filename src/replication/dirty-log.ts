@@ -46,8 +46,9 @@
  * fdatasync. When the appended records pass `logAppendBytesMax`, and at every
  * open, the log is compacted: a new file holding one snapshot is written to a
  * temporary name, synced, renamed over the log, and the directory synced
- * (the pattern of `journal/metadata.ts`) before any later record counts as
- * durable. Measured on this project's development VM (ext4 on a virtio disk,
+ * (the pattern of `journal/metadata.ts`; its helpers are not reused as
+ * they write one JSON document, where this log needs binary records and an
+ * open handle to append to) before any later record counts as durable. Measured on this project's development VM (ext4 on a virtio disk,
  * 2 vCPU AMD EPYC, node:fs through `nodeFileSystem`, 300 durable marks each,
  * 3 runs): replacing a 200-region file atomically (write temp, sync, rename,
  * sync directory) took 2.2–3.2 ms per durable mark; appending a 32-byte
@@ -338,11 +339,14 @@ export class DirtyRegionLog {
   /**
    * A marked write got its stream sequence (or none: `undefined` when the queue
    * was in bitmap mode or the store failed the write, so a resync must cover
-   * it). Only for writes that passed `markDirty`; throws otherwise.
+   * it). Only for writes that passed `markDirty`; throws otherwise. Does
+   * nothing once the log has failed (its marks were given back, and the log
+   * must be reopened anyway; `stats().failed` and every later mark say so).
    */
   noteWritten(volume: number, offset: number, lengthBytes: number, sequence: number | undefined): void {
     if (sequence !== undefined) assertInteger(sequence, 'a noted write with sequence', 1);
     const [first, last] = this.regionSpan(volume, offset, lengthBytes);
+    if (this.failure) return;
     for (let region = first; region <= last; region++) {
       const state = this.states.get(regionKey(volume, region));
       if (!state || state.holds === 0) {

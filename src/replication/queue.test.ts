@@ -160,8 +160,7 @@ test('memory → spill → bitmap with exact byte accounting, and the reasons na
   assert.deepEqual([stats.queuedEntries, stats.queuedBytes, stats.memoryBytes, stats.spillBytes, stats.spillWriteBytesPending], [5, 5 * cost, 3 * cost, 2 * record, 0]);
   assert.equal(spillFiles(disk).length, 2);
   clock.timeMs = Date.UTC(2024, 0, 2, 12, 0, 4);
-  // Checkpoints are discarded with the rest; count them.
-  queue.acknowledge(1);
+  queue.acknowledge(1); // acknowledged before bitmap mode: not marked
   assert.equal(queue.push(write(2, 196_608, pattern(5, 3392), startMs - 5)), undefined);
   stats = queue.stats();
   assert.equal(stats.mode, 'bitmap');
