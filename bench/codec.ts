@@ -11,21 +11,24 @@
  *               15 % inode-table-like records
  *
  * For each data set:
- *   lz4 (ours)       the native block codec on each whole batch (no fallback), like the references
- *   liblz4           the reference library (Debian's liblz4, which python3-lz4 uses), default
- *                    mode, same batches and buffers reused as ours, timed in Python around
- *                    each call (ctypes), same medians
+ *   lz4_block.c      our C codec against liblz4 (Debian's, which python3-lz4 uses; default mode:
+ *   liblz4           LZ4_compress_default / LZ4_decompress_safe) in one Python process through
+ *                    ctypes, both on the same batches and preallocated buffers, alternating batch
+ *                    by batch, so that load from other users of the machine hits both alike.
+ *                    Ours is lz4_block.c compiled here with `cc -O3 -fPIC -shared`, the flags
+ *                    node-gyp uses for the addon.
+ *   lz4 N-API        the addon's lz4Compress/lz4Decompress from Node on the same batches
  *   lz4 CLI          `lz4 -b1 -B4194304` on the data set's file: its own fastest-of-runs figures
- *   batch lz4        compressBatch/decompressBatch('lz4'): what the shipper gets, with the
- *                    fallback to none, the copy out and (for none) the receiver's concatenation
+ *   batch lz4        compressBatch/decompressBatch('lz4'): what the shipper and receiver get,
+ *                    with the fallback to none (which the receiver takes as it is), the copy out
+ *                    and a fresh output buffer per batch (page faults included)
  *   batch brotli     the same with the stronger codec
  * and on vm-mix the candidates for the stronger codec: deflate (zlib level 6, the default) and
  * Brotli qualities 1, 4 and 5 (the codec uses 3), on each batch's concatenation.
  *
  * Ratio is raw bytes over compressed (or sent) bytes. Speeds are of raw bytes, MB = 10^6 bytes,
- * one core. Medians of --runs (default 7), ours and the reference interleaved in each run so that
- * load from other users of the machine hits both alike. Results: bench/results/codec-<stamp>.md
- * and .json, and codec-latest.md.
+ * one core. Medians of --runs (default 7). Results: bench/results/codec-<stamp>.md and .json, and
+ * codec-latest.md.
  *
  *   node dist/bench/codec.js [--runs N] [--mib M] [--no-save]
  */
@@ -209,8 +212,10 @@ function measureBatch(codec: CodecName, batches: Buffer[][]): Sample {
     const batch = compressBatch(codec, chunks);
     compressSeconds += nowSeconds() - started;
     compressedBytes += Buffer.isBuffer(batch.payload) ? batch.payload.length : batch.rawBytes;
+    // The receiver gets the payload as one frame body (for none, the batch itself, not copied).
+    const received = Buffer.isBuffer(batch.payload) ? batch.payload : Buffer.concat(batch.payload);
     started = nowSeconds();
-    decompressBatch(batch.codec, batch.payload, batch.rawBytes);
+    decompressBatch(batch.codec, received, batch.rawBytes);
     decompressSeconds += nowSeconds() - started;
   }
   return { compressSeconds, decompressSeconds, compressedBytes };
@@ -234,41 +239,54 @@ function measureZlib(batches: Buffer[][], compress: (raw: Buffer) => Buffer, dec
 }
 
 /**
- * The reference, timed the same way as ours: liblz4 called through ctypes on preallocated
- * buffers (python3-lz4's own calls allocate a new output object each time, which would time
- * the allocator), LZ4_compress_default and LZ4_decompress_safe, the calls python3-lz4 makes.
+ * Ours against liblz4 in one process, batch by batch on the same buffers (python3-lz4's own calls
+ * allocate a new output object each time, which would time the allocator).
  */
-const referenceScript = `
+const headToHeadScript = `
 import ctypes, json, sys, time
 import lz4.block
-library = ctypes.CDLL('liblz4.so.1')
+reference = ctypes.CDLL('liblz4.so.1')
 for name in ('LZ4_compress_default', 'LZ4_decompress_safe'):
-    getattr(library, name).argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
-    getattr(library, name).restype = ctypes.c_int
-library.LZ4_versionString.restype = ctypes.c_char_p
-data = open(sys.argv[1], 'rb').read()
-batch = int(sys.argv[2])
-block = ctypes.create_string_buffer(library.LZ4_compressBound(batch))
+    getattr(reference, name).argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    getattr(reference, name).restype = ctypes.c_int
+reference.LZ4_versionString.restype = ctypes.c_char_p
+ours = ctypes.CDLL(sys.argv[1])
+ours.lz4_block_compress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+ours.lz4_block_compress.restype = ctypes.c_size_t
+ours.lz4_block_decompress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+ours.lz4_block_decompress.restype = ctypes.c_int64
+data = open(sys.argv[2], 'rb').read()
+batch, runs = int(sys.argv[3]), int(sys.argv[4])
+block = ctypes.create_string_buffer(reference.LZ4_compressBound(batch))
 back = ctypes.create_string_buffer(batch)
-compress_seconds = decompress_seconds = 0.0
-compressed_bytes = 0
-for start in range(0, len(data), batch):
-    raw = data[start:start + batch]
+def one(name, raw):
     started = time.perf_counter()
-    written = library.LZ4_compress_default(raw, block, len(raw), len(block))
-    compress_seconds += time.perf_counter() - started
-    compressed_bytes += written
+    if name == 'ours': written = ours.lz4_block_compress(raw, len(raw), block, len(block))
+    else: written = reference.LZ4_compress_default(raw, block, len(raw), len(block))
+    compressed = time.perf_counter() - started
     started = time.perf_counter()
-    produced = library.LZ4_decompress_safe(block, back, written, len(back))
-    decompress_seconds += time.perf_counter() - started
+    if name == 'ours': produced = ours.lz4_block_decompress(block, written, back, len(back), None)
+    else: produced = reference.LZ4_decompress_safe(block, back, written, len(back))
+    decompressed = time.perf_counter() - started
     assert produced == len(raw) and back.raw[:produced] == raw
     assert lz4.block.decompress(block.raw[:written], uncompressed_size=len(raw)) == raw
-print(json.dumps({"compressSeconds": compress_seconds, "decompressSeconds": decompress_seconds, "compressedBytes": compressed_bytes, "version": library.LZ4_versionString().decode()}))
+    return compressed, decompressed, written
+samples = {'ours': [], 'reference': []}
+batches = [data[start:start + batch] for start in range(0, len(data), batch)]
+for run in range(runs):
+    totals = {'ours': [0.0, 0.0, 0], 'reference': [0.0, 0.0, 0]}
+    for index, raw in enumerate(batches):
+        for name in (('ours', 'reference') if (run + index) % 2 == 0 else ('reference', 'ours')):
+            for slot, value in enumerate(one(name, raw)): totals[name][slot] += value
+    for name, (c, d, b) in totals.items():
+        samples[name].append({'compressSeconds': c, 'decompressSeconds': d, 'compressedBytes': b})
+print(json.dumps({'samples': samples, 'version': reference.LZ4_versionString().decode()}))
 `;
 
-async function measureReference(file: string): Promise<Sample & { version: string }> {
-  const result = await run(systemPython, ['-c', referenceScript, file, String(batchBytes)], { timeoutMs: 300_000 });
-  return JSON.parse(result.stdout) as Sample & { version: string };
+async function measureHeadToHead(library: string, file: string): Promise<{ ours: Sample[]; reference: Sample[]; version: string }> {
+  const result = await run(systemPython, ['-c', headToHeadScript, library, file, String(batchBytes), String(runs)], { timeoutMs: 900_000 });
+  const parsed = JSON.parse(result.stdout) as { samples: { ours: Sample[]; reference: Sample[] }; version: string };
+  return { ...parsed.samples, version: parsed.version };
 }
 
 /** `lz4 -b1` on the file, 4 MiB blocks: its own ratio and fastest speeds, or undefined without the CLI. */
@@ -308,6 +326,9 @@ async function main(): Promise<void> {
     ['binaries', binaries.data],
     ['vm-mix', vmMix(dataSetBytes, random, binaries.data)],
   ];
+  // Our codec as a plain shared library for the head-to-head run, with the addon's optimisation.
+  const library = path.join(workDir, 'lz4_block.so');
+  await run('cc', ['-O3', '-fPIC', '-shared', '-o', library, path.join(repositoryRoot, 'src', 'native', 'lz4_block.c')]);
   const rows: Row[] = [];
   const raw: Record<string, unknown> = { machine, runs, dataSetBytes, batchBytes, binariesFrom: binaries.source };
   let referenceVersion = '?';
@@ -316,7 +337,7 @@ async function main(): Promise<void> {
     const file = path.join(workDir, `${name}.bin`);
     fs.writeFileSync(file, data);
     const batches = toBatches(data, random);
-    const samples: Record<string, Sample[]> = { ours: [], reference: [], batchLz4: [], batchBrotli: [] };
+    const samples: Record<string, Sample[]> = { napi: [], batchLz4: [], batchBrotli: [] };
     const candidates: [string, (raw: Buffer) => Buffer, (packed: Buffer) => Buffer][] =
       name !== 'vm-mix'
         ? []
@@ -330,24 +351,24 @@ async function main(): Promise<void> {
           ];
     const candidateSamples = candidates.map((): Sample[] => []);
     for (let r = 0; r < runs; r++) {
-      samples.ours!.push(measureOurLz4(batches));
-      const reference = await measureReference(file);
-      referenceVersion = reference.version;
-      samples.reference!.push(reference);
+      samples.napi!.push(measureOurLz4(batches));
       samples.batchLz4!.push(measureBatch('lz4', batches));
       samples.batchBrotli!.push(measureBatch('brotli', batches));
       candidates.forEach(([, compress, decompress], index) => candidateSamples[index]!.push(measureZlib(batches, compress, decompress)));
     }
+    const headToHead = await measureHeadToHead(library, file);
+    referenceVersion = headToHead.version;
     const cli = await measureCli(file);
     cliVersion = cli?.version;
-    const ours = toRow(name, 'lz4 (ours)', data.length, samples.ours!, 'native block codec, whole batch');
-    const reference = toRow(name, `liblz4 ${referenceVersion}`, data.length, samples.reference!, 'LZ4_compress_default / LZ4_decompress_safe via ctypes');
+    const ours = toRow(name, 'lz4_block.c (ours)', data.length, headToHead.ours, 'same process as liblz4, batch by batch');
+    const reference = toRow(name, `liblz4 ${referenceVersion}`, data.length, headToHead.reference, 'LZ4_compress_default / LZ4_decompress_safe');
     rows.push(ours, reference);
+    rows.push(toRow(name, 'lz4 N-API', data.length, samples.napi!, 'lz4Compress / lz4Decompress from Node'));
     if (cli) rows.push({ dataSet: name, codec: `lz4 CLI ${cli.version}`, ratio: cli.ratio, compressMBs: cli.compressMBs, decompressMBs: cli.decompressMBs, note: '`lz4 -b1 -B4194304`, its fastest run' });
     rows.push(toRow(name, 'batch lz4', data.length, samples.batchLz4!, 'compressBatch, fallback to none'));
     rows.push(toRow(name, `batch brotli`, data.length, samples.batchBrotli!, `compressBatch, quality ${brotliQuality}`));
     candidates.forEach(([label], index) => rows.push(toRow(name, label, data.length, candidateSamples[index]!, 'candidate, node:zlib sync')));
-    raw[name] = { samples, candidateSamples, cli };
+    raw[name] = { headToHead, samples, candidateSamples, cli };
     console.log(`  ${name}: lz4 ours ${ours.compressMBs.toFixed(0)}/${ours.decompressMBs.toFixed(0)} MB/s ratio ${ours.ratio.toFixed(3)}; liblz4 ${reference.compressMBs.toFixed(0)}/${reference.decompressMBs.toFixed(0)} MB/s ratio ${reference.ratio.toFixed(3)}`);
   }
   const table = [
@@ -355,13 +376,13 @@ async function main(): Promise<void> {
     `Machine: ${machine}`,
     `Data: ${dataSetBytes / mib} MiB per data set, ${batchBytes / mib} MiB batches of 4-64 KiB chunks; binaries from ${binaries.source}; ` +
       `reference liblz4 ${referenceVersion}${cliVersion ? `, lz4 CLI ${cliVersion}` : ', lz4 CLI not installed'}. ` +
-      `Medians of ${runs} runs (the CLI: its fastest), MB = 10^6 bytes, one core.`,
+      `Medians of ${runs} runs (the CLI: its fastest), MB = 10^6 bytes, one core. "vs liblz4": ours over liblz4, measured in one process, alternating batch by batch.`,
     '',
     '| data set | codec | ratio | compress MB/s | decompress MB/s | vs liblz4 (compress, decompress) | note |',
     '|---|---|---|---|---|---|---|',
     ...rows.map((row) => {
       const reference = rows.find((other) => other.dataSet === row.dataSet && other.codec.startsWith('liblz4'))!;
-      const versus = row.codec === 'lz4 (ours)' ? `${(row.compressMBs / reference.compressMBs).toFixed(2)}x, ${(row.decompressMBs / reference.decompressMBs).toFixed(2)}x` : '-';
+      const versus = row.codec === 'lz4_block.c (ours)' ? `${(row.compressMBs / reference.compressMBs).toFixed(2)}x, ${(row.decompressMBs / reference.decompressMBs).toFixed(2)}x` : '-';
       return `| ${row.dataSet} | ${row.codec} | ${row.ratio.toFixed(3)} | ${row.compressMBs.toFixed(0)} | ${row.decompressMBs.toFixed(0)} | ${versus} | ${row.note} |`;
     }),
   ].join('\n');

@@ -27,8 +27,12 @@ export interface NativeHelpers {
    * 1 GiB of input or when the buffers overlap.
    */
   lz4Compress(source: Uint8Array, target: Uint8Array): number;
-  /** lz4Compress of the chunks' concatenation (one block; matches reach across chunks), gathered in C. */
-  lz4CompressChunks(chunks: readonly Uint8Array[], target: Uint8Array): number;
+  /**
+   * lz4Compress of the chunks' concatenation (one block; matches reach across chunks). The chunks
+   * are gathered in C into `scratch` (at least their total size; reuse it across calls to spare
+   * the page faults of fresh memory) or, without it, into a temporary buffer.
+   */
+  lz4CompressChunks(chunks: readonly Uint8Array[], target: Uint8Array, scratch?: Uint8Array): number;
   /**
    * Decompresses one LZ4 block into `target`; returns the bytes produced. Malformed input (or output
    * larger than `target`) throws an Error with code 'ERR_LZ4_MALFORMED', `reason` and `position`;

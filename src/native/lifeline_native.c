@@ -314,12 +314,15 @@ static napi_value lz4_compress(napi_env env, napi_callback_info info) {
   return lz4_compress_into(env, source, source_bytes, argv[1]);
 }
 
-/* lz4CompressChunks(chunks, target): one block of the chunks' concatenation, so
- * that matches reach across chunks. The chunks are gathered into a temporary
- * buffer first (memcpy runs an order of magnitude faster than compression). */
+/* lz4CompressChunks(chunks, target[, scratch]): one block of the chunks'
+ * concatenation, so that matches reach across chunks. The chunks are gathered
+ * first (memcpy runs an order of magnitude faster than compression): into
+ * `scratch` when given, at least their total size, which spares a caller that
+ * reuses it the page faults of fresh memory on every call; else into a
+ * temporary buffer. */
 static napi_value lz4_compress_chunks(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
+  size_t argc = 3;
+  napi_value argv[3];
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   uint32_t count;
   CHECK(napi_get_array_length(env, argv[0], &count));
@@ -340,24 +343,46 @@ static napi_value lz4_compress_chunks(napi_env env, napi_callback_info info) {
     CHECK(napi_get_buffer_info(env, element, &data, &bytes));
     return lz4_compress_into(env, data, bytes, argv[1]);
   }
-  uint8_t *gathered = malloc(total_bytes > 0 ? total_bytes : 1);
-  if (gathered == NULL) {
-    napi_throw_error(env, NULL, "lifeline_native: out of memory");
-    return NULL;
-  }
-  size_t at = 0;
-  for (uint32_t i = 0; i < count; i++) {
-    if (napi_get_element(env, argv[0], i, &element) != napi_ok ||
-        napi_get_buffer_info(env, element, &data, &bytes) != napi_ok || bytes > total_bytes - at) {
-      free(gathered);
-      napi_throw_error(env, NULL, "lifeline_native: the chunks changed while being compressed");
+  napi_valuetype scratch_type = napi_undefined;
+  if (argc > 2) CHECK(napi_typeof(env, argv[2], &scratch_type));
+  uint8_t *gathered;
+  int owned = scratch_type == napi_undefined;
+  if (owned) {
+    gathered = malloc(total_bytes > 0 ? total_bytes : 1);
+    if (gathered == NULL) {
+      napi_throw_error(env, NULL, "lifeline_native: out of memory");
       return NULL;
     }
-    memcpy(gathered + at, data, bytes);
-    at += bytes;
+  } else {
+    void *scratch;
+    size_t scratch_bytes;
+    CHECK(napi_get_buffer_info(env, argv[2], &scratch, &scratch_bytes));
+    if (scratch_bytes < total_bytes) {
+      napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "Cannot compress with LZ4 as the scratch buffer is smaller than the chunks");
+      return NULL;
+    }
+    gathered = scratch;
   }
-  napi_value out = lz4_compress_into(env, gathered, at, argv[1]);
-  free(gathered);
+  const char *failure = NULL;
+  size_t at = 0;
+  for (uint32_t i = 0; i < count && failure == NULL; i++) {
+    if (napi_get_element(env, argv[0], i, &element) != napi_ok ||
+        napi_get_buffer_info(env, element, &data, &bytes) != napi_ok || bytes > total_bytes - at) {
+      failure = "Cannot compress with LZ4 as the chunks changed while being gathered";
+    } else if (ranges_overlap(data, bytes, gathered, total_bytes)) {
+      failure = "Cannot compress with LZ4 as a chunk overlaps the scratch buffer";
+    } else {
+      memcpy(gathered + at, data, bytes);
+      at += bytes;
+    }
+  }
+  napi_value out = NULL;
+  if (failure != NULL) {
+    napi_throw_range_error(env, "ERR_INVALID_ARG_VALUE", failure);
+  } else {
+    out = lz4_compress_into(env, gathered, at, argv[1]);
+  }
+  if (owned) free(gathered);
   return out;
 }
 

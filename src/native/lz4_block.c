@@ -88,8 +88,8 @@ static inline uint8_t *write_length_rest(uint8_t *op, size_t rest) {
   return op;
 }
 
-/* Upper bound of the bytes a length of `length` takes after its nibble. */
-static inline size_t length_rest_bytes_max(size_t length) { return length / 255 + 1; }
+/* Bytes that a length (of literals, or of a match minus 4) takes after its nibble. */
+static inline size_t length_rest_bytes(size_t length) { return length < nibble_max ? 0 : (length - nibble_max) / 255 + 1; }
 
 size_t lz4_block_compress_bound(size_t source_bytes) { return source_bytes + source_bytes / 255 + 16; }
 
@@ -151,9 +151,8 @@ static inline __attribute__((always_inline)) size_t compress(const uint8_t *sour
       }
       size_t match_rest = count_equal(ip + match_bytes_min, match + match_bytes_min, match_end_limit);
       size_t literal_bytes = (size_t)(ip - anchor);
-      size_t sequence_bytes_max =
-          1 + length_rest_bytes_max(literal_bytes) + literal_bytes + 2 + length_rest_bytes_max(match_rest);
-      if (sequence_bytes_max > (size_t)(oend - op)) return 0;
+      size_t sequence_bytes = 1 + length_rest_bytes(literal_bytes) + literal_bytes + 2 + length_rest_bytes(match_rest);
+      if (sequence_bytes > (size_t)(oend - op)) return 0;
 
       uint8_t *token = op++;
       uint8_t nibbles;
@@ -187,7 +186,7 @@ static inline __attribute__((always_inline)) size_t compress(const uint8_t *sour
 
 last_literals: {
   size_t literal_bytes = (size_t)(iend - anchor);
-  if (1 + length_rest_bytes_max(literal_bytes) + literal_bytes > (size_t)(oend - op)) return 0;
+  if (1 + length_rest_bytes(literal_bytes) + literal_bytes > (size_t)(oend - op)) return 0;
   if (literal_bytes >= nibble_max) {
     *op++ = nibble_max << 4;
     op = write_length_rest(op, literal_bytes - nibble_max);
@@ -320,6 +319,11 @@ static cursors decompress_fast(const uint8_t *ip, const uint8_t *iend, uint8_t *
  * never overlap and the copies double in size. */
 static void copy_match_exact(uint8_t *op, size_t offset, size_t length) {
   const uint8_t *match = op - offset;
+  if (offset == 1) {
+    /* A run of one byte (runs of zeros end most blocks of a zeroed disk). */
+    memset(op, *match, length);
+    return;
+  }
   for (size_t done = 0; done < length;) {
     size_t chunk = done + offset;
     if (chunk > length - done) chunk = length - done;

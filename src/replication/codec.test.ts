@@ -175,16 +175,32 @@ test('lz4: round trips of random, zero, repetitive, text-like and mixed data of 
       assert.ok(roomy.subarray(0, size).equals(data));
       // A smaller target cannot hold the output.
       if (size > 0) assert.throws(() => native.lz4Decompress(block, Buffer.alloc(size - 1)), isLz4MalformedError);
-      // The chunked variant compresses the concatenation to the same block.
+      // The chunked variant compresses the concatenation to the same block, with or without a scratch buffer.
       const chunked = Buffer.alloc(native.lz4CompressBound(size));
       const written = native.lz4CompressChunks(split(data, random), chunked);
       assert.ok(chunked.subarray(0, written).equals(block), `chunked ${kind} ${size}`);
+      const scratched = native.lz4CompressChunks(split(data, random), chunked, Buffer.alloc(size + 7));
+      assert.ok(chunked.subarray(0, scratched).equals(block), `chunked with scratch ${kind} ${size}`);
       if (kind === 'zero' && size >= 4096) assert.ok(block.length < size / 100, `zeros compress: ${size} -> ${block.length}`);
       if (kind === 'random' && size >= 4096) assert.ok(block.length <= size + size / 255 + 16);
       cases++;
     }
   }
   console.log(`# lz4 round trips: ${cases} cases`);
+});
+
+test('lz4 native calls refuse overlapping buffers and a scratch buffer too small, and return 0 when the target is too small', () => {
+  const arena = Buffer.alloc(1000, 7);
+  assert.throws(() => native.lz4Compress(arena.subarray(0, 500), arena.subarray(400)), RangeError);
+  assert.throws(() => native.lz4Decompress(arena.subarray(0, 500), arena.subarray(499)), RangeError);
+  const chunks = [Buffer.alloc(300, 1), Buffer.alloc(300, 2)];
+  assert.throws(() => native.lz4CompressChunks(chunks, Buffer.alloc(700), Buffer.alloc(599)), RangeError);
+  assert.throws(() => native.lz4CompressChunks([arena.subarray(0, 100), arena.subarray(100, 200)], Buffer.alloc(300), arena.subarray(150, 400)), RangeError);
+  // 600 bytes of two runs take about 20 bytes: 10 do not fit, 0 never does.
+  assert.equal(native.lz4CompressChunks(chunks, Buffer.alloc(10)), 0);
+  assert.equal(native.lz4Compress(Buffer.alloc(0), Buffer.alloc(0)), 0);
+  assert.equal(native.lz4Compress(Buffer.alloc(0), Buffer.alloc(1)), 1);
+  assert.throws(() => native.lz4CompressBound(-1), RangeError);
 });
 
 test('compressBatch/decompressBatch: every codec round-trips every kind and size of batch, split in chunks', () => {
@@ -452,7 +468,13 @@ int main(int argc, char **argv) {
       int64_t produced = lz4_block_decompress(source, source_bytes, target, target_bytes, NULL);
       if (produced < 0) refused++; else decoded++;
     } else {
+      /* The block made with room to spare; a tight target gets the same block, or 0 exactly when it is smaller. */
+      size_t bound = lz4_block_compress_bound(source_bytes);
+      unsigned char *roomy = malloc(bound);
+      size_t full = lz4_block_compress(source, source_bytes, roomy, bound);
       size_t written = lz4_block_compress(source, source_bytes, target, target_bytes);
+      if (full == 0) return 5;
+      if (written == 0 ? target_bytes >= full : written != full || memcmp(target, roomy, full) != 0) return 6;
       if (written > 0) {
         unsigned char *block = malloc(written), *back = malloc(source_bytes ? source_bytes : 1);
         memcpy(block, target, written);
@@ -460,9 +482,8 @@ int main(int argc, char **argv) {
         compressed++;
         free(block);
         free(back);
-      } else if (target_bytes >= lz4_block_compress_bound(source_bytes)) {
-        return 5;
       }
+      free(roomy);
     }
     free(source);
     free(target);
@@ -472,7 +493,7 @@ int main(int argc, char **argv) {
 }
 `;
 
-test('lz4_block.c under AddressSanitizer: the fuzz cases and compression into tight targets never touch memory outside the buffers', async () => {
+test('lz4_block.c under AddressSanitizer: the fuzz cases, and compression into targets of every size (0 exactly when the block does not fit), never touch memory outside the buffers', async () => {
   const seed = testSeed('lz4 sanitizer');
   const random = prng(seed);
   const dir = makeTempDir('lifeline-lz4-asan-');

@@ -4,12 +4,13 @@
  * - `lz4` (the default): the LZ4 block format, by the native addon (`src/native/lz4_block.c`).
  *   Hundreds of MB/s to compress and GB/s to decompress on one core, so it costs less than the
  *   link it saves.
- * - `brotli` (the stronger option, for slow links): node:zlib's Brotli at quality 3. Measured on
- *   mixed data (files, random, zeros; `npm run bench:codec`) against deflate, the other codec
- *   Node 20 has: Brotli quality 3 compresses smaller than deflate level 6 (2.82 against 2.77 on
- *   the measured mix) and about 2.5 times faster; it decompresses at about half deflate's speed,
- *   which is still several hundred MB/s, far above the links it is meant for. (zstd is not in
- *   Node 20.) Higher qualities gain 1 to 4 % for 2 to 3 times the time.
+ * - `brotli` (the stronger option, for slow links): node:zlib's Brotli at quality 3, chosen over
+ *   deflate, the other codec Node 20 has (zstd is not in Node 20), by `npm run bench:codec` on a
+ *   mix of VM-like blocks (zeros, random, logs, binaries, inode tables): Brotli quality 3 gives a
+ *   ratio of 3.06 against 2.94 for deflate level 6 and compresses 1.5 to 2.5 times faster; it
+ *   decompresses at about half deflate's speed, 100 to 200 MB/s, still above the links it is
+ *   meant for. Quality 1 is faster but compresses less than deflate; qualities 4 and 5 gain 3 to
+ *   11 % for 3 to 6 times the time.
  * - `none`: the chunks as they are.
  *
  * A batch whose compressed form does not save at least `incompressibleRatioMin` of its size is
@@ -18,10 +19,10 @@
  * buffer is only as large as the most it may produce, and it stops when that is full.
  *
  * Both directions are synchronous. The shipper and receiver call them in their pump loops, which
- * keeps batches in order without queueing; a 4 MiB batch takes a few milliseconds with lz4 and
- * about 20 ms with Brotli, the price of picking the stronger codec. (zlib's asynchronous calls
- * would move that to the libuv thread pool, where it would queue in front of the journal's
- * file I/O.)
+ * keeps batches in order without queueing. A 4 MiB batch takes 5 to 15 ms with lz4, and 30 to 100
+ * ms with Brotli, which is the price of picking the stronger codec: the event loop waits that
+ * long. (zlib's asynchronous calls would move the work to the libuv thread pool, where it would
+ * queue in front of the journal's file I/O, and the pump would have to keep batches in order.)
  *
  * Decompression treats its input as hostile (it comes from the network): sizes are checked
  * before anything is allocated, output is bounded by the announced raw size, and every failure is
@@ -46,7 +47,10 @@ export const incompressibleRatioMin = 1 / 16;
 export const batchRawBytesMax = 64 * 1024 * 1024;
 /** Brotli quality for the `brotli` codec (0 to 11); see the measurement above. */
 export const brotliQuality = 3;
-/** lz4 compresses into a reusable buffer; one larger than this is not kept between batches. */
+/**
+ * lz4 gathers the chunks into, and compresses into, buffers reused from batch to batch (fresh
+ * memory costs a page fault per 4 KiB, as much as compressing it); larger ones are not kept.
+ */
 const lz4ScratchBytesRetainedMax = 8 * 1024 * 1024;
 
 export interface CompressedBatch {
@@ -78,7 +82,8 @@ export class CorruptBatchError extends Error {
   }
 }
 
-let lz4Scratch: Buffer = Buffer.alloc(0);
+let lz4Target: Buffer = Buffer.alloc(0);
+let lz4Gathered: Buffer = Buffer.alloc(0);
 
 /**
  * Compresses a batch given as a list of chunks (compressed as their concatenation, so that
@@ -97,11 +102,18 @@ export function compressBatch(codec: CodecName, chunks: readonly Buffer[]): Comp
   // The largest payload worth sending compressed.
   const payloadBytesMax = Math.floor(rawBytes * (1 - incompressibleRatioMin));
   if (codec === 'lz4') {
-    if (lz4Scratch.length < payloadBytesMax) lz4Scratch = Buffer.allocUnsafeSlow(payloadBytesMax);
-    const target = lz4Scratch.subarray(0, payloadBytesMax);
-    const written = chunks.length === 1 ? native.lz4Compress(chunks[0]!, target) : native.lz4CompressChunks(chunks, target);
+    if (lz4Target.length < payloadBytesMax) lz4Target = Buffer.allocUnsafeSlow(payloadBytesMax);
+    const target = lz4Target.subarray(0, payloadBytesMax);
+    let written: number;
+    if (chunks.length === 1) {
+      written = native.lz4Compress(chunks[0]!, target);
+    } else {
+      if (lz4Gathered.length < rawBytes) lz4Gathered = Buffer.allocUnsafeSlow(rawBytes);
+      written = native.lz4CompressChunks(chunks, target, lz4Gathered);
+    }
     const payload = written === 0 ? undefined : Buffer.from(target.subarray(0, written));
-    if (lz4Scratch.length > lz4ScratchBytesRetainedMax) lz4Scratch = Buffer.alloc(0);
+    if (lz4Target.length > lz4ScratchBytesRetainedMax) lz4Target = Buffer.alloc(0);
+    if (lz4Gathered.length > lz4ScratchBytesRetainedMax) lz4Gathered = Buffer.alloc(0);
     return payload === undefined ? none : { codec: 'lz4', payload, rawBytes };
   }
   if (codec === 'brotli') {
