@@ -185,7 +185,22 @@ export class SourceGroup {
   /** Ranges to resync that no sync has taken yet (failed writes, a queue in bitmap mode). */
   private resyncPending: { volume: number; offset: number; lengthBytes: number }[] = [];
   private resyncPendingReason: string | undefined;
+  /**
+   * A sync ended after the queue had discarded entries: the next resync must run (with the discarded
+   * ranges, or none) so that its end settles this one's regions in the dirty-region log; `initial` when
+   * it also completes the initial sync.
+   */
+  private resyncFollowUp: { initial: boolean } | undefined;
+  /** The initial sync's end marker: the initial sync is done (and persisted so) once it is acknowledged. */
+  private initialSyncEndSequence: number | undefined;
+  private stateWriting: Promise<void> = Promise.resolve();
   private maintenanceTimer: ReturnType<Scheduler['setTimer']> | undefined;
+  /**
+   * A sync's piece size and the queue level it waits at, scaled down for a small queue so that a
+   * sync alone never overflows it (a 1 MiB piece could never fit a 1 MiB queue without a spill).
+   */
+  private readonly syncPieceBytes: number;
+  private readonly syncQueuedBytesMax: number;
   /** Wire bytes shipped by shippers of earlier epochs (for the totals). */
   private readonly shippedBefore = { rawBytesSent: 0, wireBytesSent: 0 };
 
@@ -198,6 +213,9 @@ export class SourceGroup {
     this.state = state;
     this.epoch = `${options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
     this.rateLimit = new TokenBucket(options.scheduler, options.config.rateLimitBytesPerSecond);
+    const { memoryBytesMax, spillBytesMax } = options.config.queue;
+    this.syncPieceBytes = Math.max(4096, Math.min(syncPieceBytes, Math.floor(memoryBytesMax / 4 / 4096) * 4096));
+    this.syncQueuedBytesMax = Math.min(syncQueuedBytesMax, Math.floor((memoryBytesMax + spillBytesMax) / 2));
     const consumer: TapConsumer = { accept: (event) => this.accept(event) };
     for (const volume of options.volumes) {
       const gated = new DirtyGateStore(volume.file, { log: dirtyLog, volume: volume.id });
@@ -228,7 +246,10 @@ export class SourceGroup {
       rateLimits: [options.applianceRateLimit, this.rateLimit],
       linkSilenceMs: options.config.linkSilenceMs,
       logger: options.logger,
-      onAcknowledged: (sequence) => this.dirtyLog.acknowledged(sequence),
+      onAcknowledged: (sequence) => {
+        this.dirtyLog.acknowledged(sequence);
+        this.acknowledged(sequence);
+      },
     });
   }
 
@@ -309,10 +330,12 @@ export class SourceGroup {
         const retry = this.syncRetry;
         this.syncRetry = undefined;
         this.startSync(this.sync.state === 'in-sync' ? 'resync' : this.sync.state, this.sync.reason ?? 'retry', retry.regions, retry.initial);
-      } else if (this.resyncPending.length > 0 && this.sync.state === 'in-sync' && !this.syncActive) {
+      } else if ((this.resyncPending.length > 0 || this.resyncFollowUp) && this.sync.state === 'in-sync' && !this.syncActive) {
         const regions = this.resyncPending;
+        const initial = this.resyncFollowUp?.initial ?? false;
         this.resyncPending = [];
-        this.startSync('resync', this.resyncPendingReason ?? 'resync requested', regions, false);
+        this.resyncFollowUp = undefined;
+        this.startSync('resync', this.resyncPendingReason ?? 'the previous sync ended after the queue discarded entries', regions, initial);
         this.resyncPendingReason = undefined;
       }
     } finally {
@@ -334,6 +357,15 @@ export class SourceGroup {
       this.shippedBefore.rawBytesSent += stats.rawBytesSent;
       this.shippedBefore.wireBytesSent += stats.wireBytesSent;
       const regions = this.queue.takeResyncRegions();
+      // The new session's WELCOME acknowledges the discarded sequences: their regions must be owed a resync
+      // in the dirty-region log before (the resync of the discarded ranges clears them when it ends).
+      this.dirtyLog.beginResync();
+      if (this.initialSyncEndSequence !== undefined) {
+        // The initial sync's end was not acknowledged, so the queue discarded part of it: the resync of the
+        // discarded ranges completes the initial sync.
+        this.initialSyncEndSequence = undefined;
+        this.resyncFollowUp = { initial: true };
+      }
       this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
       this.shipper = this.makeShipper(regions.sequenceDiscardedLast >= regions.sequenceDiscardedFirst ? regions.sequenceDiscardedLast : this.queue.sequenceLast);
       this.shipper.start();
@@ -393,14 +425,15 @@ export class SourceGroup {
   private async runSync(regions: { volume: number; offset: number; lengthBytes: number }[], initial: boolean): Promise<void> {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
+    const bitmapEpisodes = this.queue.stats().bitmapEpisodes;
     this.pushMarker('sync-begin');
     for (const region of regions) {
       const tap = this.taps.get(region.volume);
       if (!tap) continue;
       const end = region.offset + region.lengthBytes;
       for (let offset = region.offset; offset < end && !this.stopping; ) {
-        const lengthBytes = Math.min(syncPieceBytes, end - offset);
-        while (this.queue.stats().queuedBytes > syncQueuedBytesMax && !this.stopping) await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
+        const lengthBytes = Math.min(this.syncPieceBytes, end - offset);
+        while (this.queue.stats().queuedBytes > this.syncQueuedBytesMax && !this.stopping) await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
         if (this.stopping) break;
         // Ranges that read as zeroes need no read: a zero entry says the same in a few bytes. It is
         // pushed in the same turn as the extents were read, so a guest write that lands there later
@@ -424,13 +457,35 @@ export class SourceGroup {
       if (this.stopping) return;
     }
     const end = this.pushMarker('sync-end');
-    this.dirtyLog.endResync(resyncToken, end.sequence);
-    if (initial) {
-      this.state = { ...this.state, initialSyncDone: true };
-      await writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), this.state);
+    if (end.sequence === 0 || this.queue.stats().bitmapEpisodes !== bitmapEpisodes) {
+      // The queue discarded entries while this sync ran (some of its reads, or its end): the discarded ranges
+      // are resynced next, so this sync's regions stay owed in the dirty-region log until that resync ends,
+      // and an initial sync is not done until then either.
+      this.resyncFollowUp = { initial: initial || (this.resyncFollowUp?.initial ?? false) };
+      this.options.logger.warn('sync ended after the queue discarded entries; the discarded ranges are resynced next', { group: this.name, state: this.sync.state });
+    } else {
+      // The regions are clean, and the initial sync done, once the end marker is acknowledged.
+      this.dirtyLog.endResync(resyncToken, end.sequence);
+      if (initial) this.initialSyncEndSequence = end.sequence;
     }
     this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal });
     this.sync = { ...this.sync, state: 'in-sync', bytesLeft: 0, etaMs: 0 };
+  }
+
+  /** The target holds every entry up to `sequence`: an initial sync whose end it covers is done. */
+  private acknowledged(sequence: number): void {
+    const end = this.initialSyncEndSequence;
+    if (end === undefined || sequence < end) return;
+    this.initialSyncEndSequence = undefined;
+    this.state = { ...this.state, initialSyncDone: true };
+    const state = this.state;
+    this.stateWriting = this.stateWriting
+      .then(() => writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), state))
+      .then(
+        () => this.options.logger.info('initial sync acknowledged by the target', { group: this.name, sequence: end }),
+        // Not persisted: the next start syncs the whole volume again, which is safe.
+        (error: unknown) => this.options.logger.error('cannot persist the end of the initial sync', { group: this.name, error: (error as Error).message }),
+      );
   }
 
   private noteSyncProgress(bytes: number): void {
@@ -521,6 +576,7 @@ export class SourceGroup {
       await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
     }
     await this.shipper.stop();
+    await this.stateWriting;
     await this.dirtyLog.flushClears();
     await this.dirtyLog.close();
     await this.queue.close();
