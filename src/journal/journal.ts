@@ -572,6 +572,9 @@ export class Journal {
         headerAt += recordHeaderBytes;
         if (record.data) target.buffers.push(record.data);
         target.records.push({ record, position });
+        // The unit counts the record at once, not after the sync: a promotion that runs meanwhile must
+        // not release a unit this group is still writing into.
+        unit.lastLsn = record.lsn;
         position += size;
       }
     }
