@@ -73,6 +73,8 @@ export class TargetGroup {
   private readonly replicas: Map<number, BackingStore>;
   private readonly timeMsDurable = new Map<number, number>();
   private readonly connected = new Set<number>();
+  /** The HELLO being handled (see openStream). */
+  private opening: Promise<unknown> = Promise.resolve();
 
   private constructor(options: TargetGroupOptions, journal: Journal, state: GroupState, replicas: Map<number, BackingStore>) {
     this.options = options;
@@ -87,6 +89,9 @@ export class TargetGroup {
     const { config, fileSystem } = options;
     await fileSystem.mkdir(options.directory);
     const state = (await readStateFile<GroupState>(fileSystem, path.join(options.directory, stateFileName))) ?? { version: 1, streams: [] };
+    // A process that died may have renamed the state into place without syncing the directory: what
+    // was just read must be durable before a WELCOME depends on it.
+    await fileSystem.fsyncDirectory(options.directory);
     const replicas = options.replicas ?? new Map<number, BackingStore>();
     const opened: BackingStore[] = [];
     try {
@@ -127,8 +132,18 @@ export class TargetGroup {
     return current;
   }
 
-  /** Checks a HELLO for this group and opens (or creates) its stream. */
-  async openStream(hello: Hello, peerName: string | undefined): Promise<{ stream: ReceiverStream } | { refuse: Refuse }> {
+  /**
+   * Checks a HELLO for this group and opens (or creates) its stream. HELLOs are handled one at a
+   * time: each reads the group state, extends it and writes it back, so two sources arriving
+   * together can never be given the same journal stream.
+   */
+  openStream(hello: Hello, peerName: string | undefined): Promise<{ stream: ReceiverStream } | { refuse: Refuse }> {
+    const run = this.opening.then(() => this.openStreamNow(hello, peerName));
+    this.opening = run.catch(() => {});
+    return run;
+  }
+
+  private async openStreamNow(hello: Hello, peerName: string | undefined): Promise<{ stream: ReceiverStream } | { refuse: Refuse }> {
     if (peerName !== undefined && peerName !== hello.appliance) {
       return { refuse: { code: 'not-allowed', message: `the certificate names appliance '${peerName}' but the stream claims '${hello.appliance}'` } };
     }
@@ -213,7 +228,7 @@ export class TargetGroup {
         throw new Error(`Checkpoint marker ${entry.sequence} of stream ${record.stream} is not JSON`);
       }
       if (typeof parsed.id !== 'string' || typeof parsed.kind !== 'string') throw new Error(`Checkpoint marker ${entry.sequence} of stream ${record.stream} has no id or kind`);
-      const checkpoint: CheckpointMarker = { id: parsed.id, kind: parsed.kind, streams: this.currentStreams() };
+      const checkpoint: CheckpointMarker = { id: parsed.id, kind: parsed.kind, streams: this.markerStreams() };
       if (typeof parsed.name === 'string') checkpoint.name = parsed.name;
       return { ...base, kind: 'checkpoint', volume: 0, offset: 0, checkpoint };
     }
@@ -221,6 +236,15 @@ export class TargetGroup {
     if (volume === undefined) throw new Error(`Stream ${record.stream} sent an entry for volume ${entry.volume}, which its HELLO did not name`);
     if (entry.kind === 'write') return { ...base, kind: 'write', volume, offset: entry.offset, data: entry.data! };
     return { ...base, kind: entry.kind, volume, offset: entry.offset, lengthBytes: entry.lengthBytes };
+  }
+
+  /**
+   * The streams a checkpoint needs a marker from: the newest epoch of every configured source, and 0
+   * for a source that has not connected yet (no marker ever comes on stream 0, so such a checkpoint
+   * is not recoverable until a later marker of it names that source's stream).
+   */
+  private markerStreams(): number[] {
+    return this.config.sources.map((appliance) => this.currentStreamOf(appliance)?.stream ?? 0);
   }
 
   /** Journal stream ids of the newest epoch of every source that has connected. */

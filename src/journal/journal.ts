@@ -307,6 +307,17 @@ export class Journal {
     for (let at = 1; at < live.length; at++) {
       if (live[at]!.number !== live[at - 1]!.number + 1) throw new JournalDamagedError(this.name, `unit ${live[at - 1]!.number + 1} is missing`);
     }
+    // A process that died may have left writes in the page cache that never reached the disk; they read
+    // as if they had, and what is acknowledged after this open must not depend on them. Sync first.
+    for (const unit of live) {
+      const file = await this.fileSystem.open(unit.path, 'write');
+      try {
+        await file.fsync();
+      } finally {
+        await file.close();
+      }
+    }
+    for (const directory of new Set([this.directory, ...live.map((unit) => path.dirname(unit.path))])) await this.fileSystem.fsyncDirectory(directory);
     for (const [stream, sequence] of Object.entries(meta.streamsPromoted)) this.streamsDurable.set(Number(stream), sequence);
     const scan = await scanUnits({
       fileSystem: this.fileSystem,
@@ -603,6 +614,9 @@ export class Journal {
     if (!state) {
       state = { marker, markers: new Map() };
       this.checkpointStates.set(marker.id, state);
+    } else {
+      // A later marker knows every source that had connected by then (one that had not is stream 0 in an earlier marker).
+      state.marker = { ...state.marker, streams: marker.streams };
     }
     state.markers.set(stream, { sequence, lsn, timeMs });
   }
