@@ -3,18 +3,74 @@
  * keep what was synced plus any subset of later writes, torn in 512-byte
  * sectors. After each crash the journal must reopen with every acknowledged
  * record, and with nothing that was not written whole, in the replicas or the
- * journal.
+ * journal; the checkpoints it lists as recoverable must be exactly those whose
+ * markers are all durable and unpromoted, and views at each of them and at
+ * older times (not only the newest) must equal the model. A clean reopen at
+ * the end of each trial must list the same checkpoints.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { prng, testSeed } from '../../test/helpers.js';
 import { SimulatedDisk } from './sim-disk.js';
-import { closeTestJournal, createReplicas, ManualClock, modelVolumes, openTestJournal, randomRecord, type TestJournalConfig } from './testing.js';
-import type { AppendRecord } from './journal.js';
+import {
+  checkpointRecord,
+  closeTestJournal,
+  createReplicas,
+  expectedCheckpoints,
+  ManualClock,
+  modelAtCheckpoint,
+  modelAtTime,
+  modelVolumes,
+  openTestJournal,
+  randomRecord,
+  readVolume,
+  type TestJournalConfig,
+} from './testing.js';
+import type { AppendRecord, Journal } from './journal.js';
 
 const crashStatesMin = Number(process.env.LIFELINE_CRASH_STATES ?? 10_000);
 const crashPointsPerTrial = 25;
 const imagesPerPoint = 4;
+/** Older points in time checked after each crash, besides the oldest recoverable one. */
+const olderTimesPerState = 2;
+
+/**
+ * The recoverable checkpoints are exactly those whose markers are all in the recovered log above
+ * the watermark, and views at each of them, at the oldest recoverable point and at older record
+ * times equal the model of the recovered records.
+ */
+async function checkOlderPoints(journal: Journal, volumes: Map<number, number>, records: readonly AppendRecord[], random: () => number, context: string): Promise<{ checkpoints: number; times: number }> {
+  const watermark = journal.watermarkLsn;
+  const expected = expectedCheckpoints(records, watermark).filter((checkpoint) => checkpoint.recoverable);
+  const listed = journal
+    .checkpoints()
+    .filter((checkpoint) => checkpoint.recoverable)
+    .map(({ id, timeMs }) => ({ id, timeMs, recoverable: true }))
+    .sort((a, b) => a.id.localeCompare(b.id));
+  assert.deepEqual(listed, expected, `${context}: recoverable checkpoints after recovery (watermark ${watermark})`);
+  for (const checkpoint of expected) {
+    for (const [volume, bytes] of modelAtCheckpoint(volumes, records, checkpoint.id)) {
+      const view = await journal.openView({ volume, at: { checkpoint: checkpoint.id }, scratchBytesMax: 0 });
+      const actual = await readVolume(view, bytes.length);
+      await view.close();
+      assert.ok(actual.equals(bytes), `${context}: volume ${volume} at checkpoint ${checkpoint.id} differs from the model`);
+    }
+  }
+  const times = [...new Set(records.slice(watermark).map((record) => record.timeMs))];
+  const chosen = new Set<number>([watermark > 0 ? journal.status().oldestRecoverableMs : (times[0] ?? 1) - 1]);
+  for (let i = 0; i < olderTimesPerState && times.length > 0; i++) chosen.add(times[Math.floor(random() * times.length)]!);
+  const volumeIds = [...volumes.keys()];
+  for (const timeMs of chosen) {
+    // One volume a time, by chance: over thousands of states every volume is seen at many times.
+    const volume = volumeIds[Math.floor(random() * volumeIds.length)]!;
+    const bytes = modelAtTime(volumes, records, timeMs).get(volume)!;
+    const view = await journal.openView({ volume, at: { timeMs }, scratchBytesMax: 0 });
+    const actual = await readVolume(view, bytes.length);
+    await view.close();
+    assert.ok(actual.equals(bytes), `${context}: volume ${volume} at time ${timeMs} differs from the model`);
+  }
+  return { checkpoints: expected.length, times: chosen.size };
+}
 
 test('journal reopens after any crash state with every acknowledged record and no damaged one', async () => {
   const seed = testSeed('journal crash states');
@@ -24,6 +80,8 @@ test('journal reopens after any crash state with every acknowledged record and n
   let trials = 0;
   let cuts = 0;
   let promotionsResumed = 0;
+  let checkpointViews = 0;
+  let olderTimeViews = 0;
   while (states < crashStatesMin) {
     trials++;
     const disk = new SimulatedDisk();
@@ -44,13 +102,23 @@ test('journal reopens after any crash state with every acknowledged record and n
     const acknowledgedAt: number[] = [];
     const sequences = [0, 0];
     const inFlight: Promise<unknown>[] = [];
+    /** A checkpoint whose markers are still to be appended (they may land in different batches). */
+    let checkpoint: { id: string; left: number[] } | undefined;
+    let checkpointNext = 1;
     const steps = 10 + Math.floor(random() * 30);
     for (let step = 0; step < steps; step++) {
       const roll = random();
       if (roll < 0.65) {
         const batch: AppendRecord[] = [];
         const count = 1 + Math.floor(random() * 3);
+        if (!checkpoint && random() < 0.2) checkpoint = { id: `cp-${trials}-${checkpointNext++}`, left: random() < 0.5 ? [0, 1] : [1, 0] };
         for (let i = 0; i < count; i++) {
+          if (checkpoint && random() < 0.5) {
+            const stream = checkpoint.left.shift()!;
+            batch.push(checkpointRecord(stream, ++sequences[stream]!, clock.timeMs, { id: checkpoint.id, streams: [0, 1] }));
+            if (checkpoint.left.length === 0) checkpoint = undefined;
+            continue;
+          }
           const stream = Math.floor(random() * 2);
           batch.push(randomRecord(random, { stream, sequence: ++sequences[stream]!, timeMs: clock.timeMs, volumes: config.volumes, dataBytesMax: 1200 }));
         }
@@ -99,11 +167,14 @@ test('journal reopens after any crash state with every acknowledged record and n
           await view.close();
           assert.ok(actual.equals(expected), `${context}: volume ${volume} differs from the model`);
         }
+        const older = await checkOlderPoints(journal, config.volumes, submitted.slice(0, journal.lsnDurable), random, context);
+        checkpointViews += older.checkpoints;
+        olderTimeViews += older.times;
         if (image === 1 && point % 2 === 0) {
           // Life goes on after the cut: a new record is durable, and a second crash keeps it. It
           // takes the place (and size) of the first record lost, so a stale copy of the records
           // after it would line up exactly if the scan trusted them.
-          const lost = submitted[journal.lsnDurable];
+          const lost = submitted[journal.lsnDurable]?.kind === 'checkpoint' ? undefined : submitted[journal.lsnDurable];
           const stream = lost?.stream ?? 0;
           const next = journal.status().streams.find((entry) => entry.stream === stream)?.sequenceLast ?? 0;
           const record: AppendRecord = lost
@@ -124,7 +195,17 @@ test('journal reopens after any crash state with every acknowledged record and n
         states++;
       }
     }
+    // A clean reopen lists the same recoverable checkpoints, and its views at them and at older times equal the model.
+    const listedBefore = opened.journal.checkpoints().filter((checkpoint) => checkpoint.recoverable);
     await closeTestJournal(opened);
+    const clean = await openTestJournal(config);
+    const context = `seed ${seed}, trial ${trials}, clean reopen`;
+    assert.equal(clean.journal.lsnDurable, submitted.length, context);
+    assert.deepEqual(clean.journal.checkpoints().filter((checkpoint) => checkpoint.recoverable), listedBefore, `${context}: the same recoverable checkpoints`);
+    await checkOlderPoints(clean.journal, config.volumes, submitted, random, context);
+    await closeTestJournal(clean);
   }
-  console.log(`# journal crash states: ${states} states from ${trials} trials (${cuts} torn tails cut, ${promotionsResumed} promotions resumed) in ${Date.now() - started} ms`);
+  console.log(
+    `# journal crash states: ${states} states from ${trials} trials (${cuts} torn tails cut, ${promotionsResumed} promotions resumed; ${checkpointViews} recoverable checkpoints and ${olderTimeViews} older times viewed) in ${Date.now() - started} ms`,
+  );
 });

@@ -1,8 +1,16 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { makeTempDir } from '../../test/helpers.js';
 import { SimulatedDisk } from './sim-disk.js';
-import { closeTestJournal, createReplicas, ManualClock, openTestJournal, type TestJournalConfig } from './testing.js';
-import { DuplicateSequenceError, InvalidRecordError, JournalDamagedError, JournalFailedError, RecoveryPointUnavailableError, SequenceGapError } from './errors.js';
+import { closeTestJournal, createReplicas, ManualClock, openTestJournal, settle, type TestJournalConfig } from './testing.js';
+import { DatastoreFullError, DuplicateSequenceError, InvalidRecordError, JournalDamagedError, JournalFailedError, RecoveryPointUnavailableError, SequenceGapError } from './errors.js';
+import { Journal, type JournalAlertCondition, type JournalEvent } from './journal.js';
+import { JournalFileBackingStore } from './file-store.js';
+import { nodeFileSystem } from './file-system.js';
+import { JournalPool, type DatastoreConfig } from './pool.js';
+import { readMetadata } from './metadata.js';
 import { checkRecord, decodeHeader, encodeHeader, RecordKind } from './record.js';
 import { indexBytesPerRecord, RecordIndex } from './record-index.js';
 
@@ -144,4 +152,143 @@ test('a view opened in the same turn as tick() reads its own point in time, not 
   assert.equal(bytes[0], 0xaa);
   await view.close();
   await closeTestJournal(opened);
+});
+
+test('append() refuses a batch over half a unit, whole, and takes one of exactly half a unit', async () => {
+  const { opened } = await fixture();
+  const { journal } = opened;
+  const half = journal.unitBytes / 2;
+  // Two records: headers of 64 bytes each, data filling the rest of half a unit, then one byte more.
+  const batch = (extra: number) => [write(0, 1), { ...write(0, 2), data: Buffer.alloc(half - 2 * 64 - 512 + extra, 0xee) }];
+  await assert.rejects(journal.append(batch(1)), (error: unknown) => error instanceof InvalidRecordError && /half a unit/.test(error.message));
+  assert.equal(journal.status().streams.length, 0, 'nothing of the refused batch is queued');
+  assert.deepEqual(await journal.append(batch(0)), { lsnFirst: 1, lsnLast: 2 });
+  await closeTestJournal(opened);
+});
+
+test('the next unit (the spare) is taken in the background at open, and again whenever a unit becomes current', async () => {
+  const { config, opened } = await fixture({ unitBytes: 4096 });
+  await settle();
+  const held = () => opened.pool.usage().journals['group1']!.units;
+  assert.equal(held(), 2, 'open takes the current unit and the spare');
+  // About three 1 KiB records a unit: the fourth goes into the spare, and the next spare is taken.
+  for (let sequence = 1; sequence <= 4; sequence++) await opened.journal.append([{ ...write(0, sequence), data: Buffer.alloc(1024, sequence) }]);
+  await settle();
+  assert.equal(held(), 3, 'the spare became current and a new spare was taken');
+  await closeTestJournal(opened);
+  const reopened = await openTestJournal(config);
+  await settle();
+  assert.equal(reopened.pool.usage().journals['group1']!.units, 3, 'a reopened journal holds its two units and a spare');
+  await closeTestJournal(reopened);
+});
+
+test('a commit evaluates the alerts at once, without waiting for tick()', async () => {
+  const { opened } = await fixture({ sizeWarningBytes: 16384 - 1 });
+  const events: JournalEvent[] = [];
+  opened.journal.on((event) => events.push(event));
+  await opened.journal.append([write(0, 1)]);
+  assert.ok(events.some((event) => event.type === 'alert-raised' && event.alert.condition === 'size-warning'), 'size-warning raised by the commit');
+  assert.deepEqual(opened.journal.status().alerts.map((alert) => alert.condition), ['size-warning']);
+  await closeTestJournal(opened);
+});
+
+test('history alerts: a warning under 85 % of the configured history, an error under 75 %, both cleared once history is whole again', async () => {
+  const historyMs = 100_000;
+  const { clock, opened } = await fixture({ historyMs });
+  const { journal } = opened;
+  const events: JournalEvent[] = [];
+  journal.on((event) => events.push(event));
+  // The journal is far older than its history, so the whole configured history is expected.
+  clock.timeMs += 10 * historyMs;
+  const now = clock.timeMs;
+  const agesMs = [86_000, 84_000, 76_000, 74_000];
+  await journal.append(agesMs.map((ageMs, i) => ({ ...write(0, i + 1, i * 512), timeMs: now - ageMs })));
+  const active = (): JournalAlertCondition[] => journal.status().alerts.map((alert) => alert.condition).sort();
+  const expected: JournalAlertCondition[][] = [[], ['history-warning'], ['history-warning'], ['history-error']];
+  for (let lsn = 1; lsn <= agesMs.length; lsn++) {
+    // Promoting record lsn makes its time the oldest recoverable point (history of agesMs[lsn - 1]).
+    await journal.promote(lsn, { forced: false });
+    await journal.tick();
+    assert.equal(journal.status().actualHistoryMs, agesMs[lsn - 1]);
+    assert.deepEqual(active(), expected[lsn - 1], `history ${agesMs[lsn - 1]} ms of ${historyMs}`);
+  }
+  const raised = events.flatMap((event) => (event.type === 'alert-raised' ? [event.alert.condition] : []));
+  const cleared = events.flatMap((event) => (event.type === 'alert-cleared' ? [event.condition] : []));
+  assert.deepEqual(raised, ['history-warning', 'history-error']);
+  assert.deepEqual(cleared, ['history-warning']);
+  clock.timeMs += 30_000;
+  await journal.tick();
+  assert.deepEqual(active(), []);
+  assert.deepEqual(events.at(-1), { type: 'alert-cleared', condition: 'history-error' });
+  await closeTestJournal(opened);
+});
+
+test('once promote() resolves its watermark is durable: a crash then does not redo the step', async () => {
+  const { disk, config, opened } = await fixture();
+  await opened.journal.append([write(0, 1), write(0, 2, 512), write(0, 3, 1024)]);
+  await opened.journal.promote(2, { forced: false });
+  // No unit is released here (all three records share the current unit), so only the step's own metadata write can carry the watermark.
+  const image = disk.crashImage(disk.operationCount, Math.random, { syncedOnly: true });
+  const meta = (await readMetadata(image, '/meta'))!;
+  assert.deepEqual({ watermarkLsn: meta.watermarkLsn, promotingToLsn: meta.promotingToLsn }, { watermarkLsn: 2, promotingToLsn: 0 });
+  const reopened = await openTestJournal({ ...config, fileSystem: image });
+  assert.equal(reopened.journal.openReport.promotionResumed, false);
+  assert.equal(reopened.journal.watermarkLsn, 2);
+  await closeTestJournal(reopened);
+  await closeTestJournal(opened);
+});
+
+test('a missing datastore directory is skipped and not created (it may be an unmounted disk)', async () => {
+  const root = makeTempDir('lifeline-journal-pool-');
+  try {
+    const missing = path.join(root, 'unmounted');
+    const present = path.join(root, 'present');
+    fs.mkdirSync(present);
+    const replica = await JournalFileBackingStore.open(nodeFileSystem, path.join(root, 'volume-1.img'), { sizeBytes: 65536, create: true });
+    const open = (datastores: DatastoreConfig[]): Promise<Journal> =>
+      Journal.open({
+        name: 'group1',
+        directory: path.join(root, 'meta'),
+        fileSystem: nodeFileSystem,
+        pool: new JournalPool(nodeFileSystem, datastores),
+        replicas: new Map([[1, replica]]),
+        clock: new ManualClock(),
+        unitBytes: 16384,
+        historyMs: 1000,
+        sizeLimitBytes: 1 << 20,
+        sizeWarningBytes: 1 << 20,
+      });
+    // Only the missing datastore: no unit can be taken, and the directory is not made.
+    await assert.rejects(open([{ path: missing, capacityBytes: 1 << 30 }]), DatastoreFullError);
+    assert.equal(fs.existsSync(missing), false, 'the missing datastore directory was not created');
+    // With another datastore (listed second, with less room), the units go there.
+    const journal = await open([{ path: missing, capacityBytes: 1 << 30 }, { path: present, capacityBytes: 1 << 20 }]);
+    await journal.append([write(0, 1)]);
+    // Closing waits for the spare, which is taken in the background.
+    await journal.close();
+    await replica.close();
+    assert.equal(fs.existsSync(missing), false, 'the missing datastore directory was not created');
+    assert.equal(fs.readdirSync(path.join(present, 'group1')).filter((name) => name.endsWith('.unit')).length, 2, 'current unit and spare');
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+});
+
+test('after a failed sync nothing more is written: appends and promotion are refused until the journal is reopened', async () => {
+  const { disk, config, opened } = await fixture();
+  const { journal } = opened;
+  await journal.append([write(0, 1)]);
+  disk.failNextSync = true;
+  await assert.rejects(journal.append([write(0, 2)]), JournalFailedError);
+  await settle();
+  const operations = disk.operationCount;
+  await assert.rejects(journal.append([write(0, 3)]), JournalFailedError);
+  await assert.rejects(journal.append([write(0, 2)]), JournalFailedError);
+  await assert.rejects(journal.promote(1, { forced: false }), JournalFailedError);
+  await settle();
+  assert.equal(disk.operationCount, operations, 'a failed journal writes nothing');
+  const reopened = await openTestJournal({ ...config, fileSystem: disk.crashImage(disk.operationCount, Math.random, { syncedOnly: true }) });
+  assert.equal(reopened.journal.lsnDurable, 1);
+  await reopened.journal.append([write(0, 2)]);
+  await closeTestJournal(reopened);
 });

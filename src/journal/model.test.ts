@@ -253,6 +253,7 @@ class CrashCommand implements Command {
   }
   async run(model: Model, real: Real): Promise<void> {
     // Every append was acknowledged, so every crash state must keep them all.
+    const recoverable = real.journal.checkpoints().filter((checkpoint) => checkpoint.recoverable);
     const image = real.disk.crashImage(real.disk.operationCount, real.random, { syncedOnly: this.syncedOnly });
     real.views.clear();
     model.views.clear();
@@ -260,6 +261,8 @@ class CrashCommand implements Command {
     const opened = await openTestJournal({ ...real.config, fileSystem: image });
     Object.assign(real, { journal: opened.journal, pool: opened.pool, replicas: opened.replicas });
     assert.equal(real.journal.lsnDurable, model.records.length, 'every acknowledged record survives the crash');
+    // Open rebuilds the checkpoints from their markers: the same ones are recoverable (nothing was promoted meanwhile).
+    assert.deepEqual(real.journal.checkpoints().filter((checkpoint) => checkpoint.recoverable), recoverable, 'the same checkpoints are recoverable after the crash');
     real.checks.crashes++;
   }
   toString(): string {

@@ -103,3 +103,102 @@ export function randomRecord(random: () => number, options: { stream: number; se
   }
   return { kind: roll < 0.9 ? 'zero' : 'trim', ...base, lengthBytes };
 }
+
+/** A checkpoint marker record of one stream. */
+export function checkpointRecord(stream: number, sequence: number, timeMs: number, checkpoint: { id: string; kind?: string; streams: number[] }): AppendRecord {
+  return { kind: 'checkpoint', stream, sequence, timeMs, volume: 0, offset: 0, checkpoint: { id: checkpoint.id, kind: checkpoint.kind ?? 'automatic', streams: checkpoint.streams } };
+}
+
+/**
+ * The model at a point in time, as a view cuts it: per stream, its records up
+ * to (not including) its first record newer than `timeMs`.
+ */
+export function modelAtTime(sizes: Map<number, number>, records: readonly AppendRecord[], timeMs: number): Map<number, Buffer> {
+  const ended = new Set<number>();
+  return modelVolumes(
+    sizes,
+    records.filter((record) => {
+      if (ended.has(record.stream)) return false;
+      if (record.timeMs <= timeMs) return true;
+      ended.add(record.stream);
+      return false;
+    }),
+  );
+}
+
+/**
+ * The model at a checkpoint: per stream, its records before the stream's
+ * marker. Every stream of the records must have a marker of the checkpoint.
+ */
+export function modelAtCheckpoint(sizes: Map<number, number>, records: readonly AppendRecord[], id: string): Map<number, Buffer> {
+  const markers = new Map<number, number>();
+  for (const record of records) if (record.kind === 'checkpoint' && record.checkpoint?.id === id) markers.set(record.stream, record.sequence);
+  for (const record of records) {
+    if (!markers.has(record.stream)) throw new Error(`assertion: stream ${record.stream} has no marker of checkpoint ${id}`);
+  }
+  return modelVolumes(sizes, records.filter((record) => record.sequence < markers.get(record.stream)!));
+}
+
+export interface ExpectedCheckpoint {
+  id: string;
+  /** Source time of the newest of its markers that are in the journal. */
+  timeMs: number;
+  recoverable: boolean;
+}
+
+/**
+ * The checkpoints a journal holding `records` (lsn = index + 1) with the given
+ * watermark must list after it is opened: those with a marker above the
+ * watermark; recoverable when every stream's marker is above the watermark.
+ */
+export function expectedCheckpoints(records: readonly AppendRecord[], watermarkLsn: number): ExpectedCheckpoint[] {
+  const found = new Map<string, { streams: number[]; markers: Map<number, { lsn: number; timeMs: number }> }>();
+  records.forEach((record, at) => {
+    if (record.kind !== 'checkpoint' || !record.checkpoint) return;
+    const entry = found.get(record.checkpoint.id) ?? { streams: record.checkpoint.streams, markers: new Map() };
+    entry.markers.set(record.stream, { lsn: at + 1, timeMs: record.timeMs });
+    found.set(record.checkpoint.id, entry);
+  });
+  const out: ExpectedCheckpoint[] = [];
+  for (const [id, { streams, markers }] of found) {
+    const live = [...markers.values()].filter((marker) => marker.lsn > watermarkLsn);
+    if (live.length === 0) continue;
+    const recoverable = streams.every((stream) => (markers.get(stream)?.lsn ?? 0) > watermarkLsn);
+    out.push({ id, timeMs: Math.max(...live.map((marker) => marker.timeMs)), recoverable });
+  }
+  return out.sort((a, b) => a.id.localeCompare(b.id));
+}
+
+/** Reads a whole volume (a replica or a view). */
+export async function readVolume(store: { read(target: Buffer, offset: number): Promise<void> }, sizeBytes: number): Promise<Buffer> {
+  const bytes = Buffer.alloc(sizeBytes);
+  await store.read(bytes, 0);
+  return bytes;
+}
+
+/** Lets background work on the simulated disk (the spare unit) finish: it only waits on promises. */
+export async function settle(): Promise<void> {
+  for (let turn = 0; turn < 3; turn++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+/** A file system that reports each operation after it (to find crash points on the simulated disk). */
+export function observedFileSystem(inner: JournalFileSystem, after: (operation: 'rename' | 'unlink' | 'fsyncDirectory', filePath: string) => void): JournalFileSystem {
+  return {
+    open: (filePath, mode) => inner.open(filePath, mode),
+    rename: async (from, to) => {
+      await inner.rename(from, to);
+      after('rename', to);
+    },
+    unlink: async (filePath) => {
+      await inner.unlink(filePath);
+      after('unlink', filePath);
+    },
+    readdir: (directory) => inner.readdir(directory),
+    mkdir: (directory) => inner.mkdir(directory),
+    fsyncDirectory: async (directory) => {
+      await inner.fsyncDirectory(directory);
+      after('fsyncDirectory', directory);
+    },
+    freeBytes: (directory) => inner.freeBytes(directory),
+  };
+}
