@@ -4,8 +4,10 @@
  * replicas, limits and alerts, checkpoints, and recovery views.
  *
  * Concurrency. Appends are validated at once and queued; one commit loop
- * writes the queued batches as a group (one write per unit touched, one sync
- * per unit) and acknowledges them after the sync. Promotion runs one step at a
+ * writes the queued batches as groups (one write per unit touched, one sync
+ * per unit) and acknowledges each group after its sync, in order. The next
+ * group is written while earlier ones sync, and up to four syncs run at once;
+ * what is not yet acknowledged stays within half a unit. Promotion runs one step at a
  * time behind its own queue, reading only durable records, so it never waits
  * for appends and appends wait for it only when the hard limit needs room.
  */
@@ -134,7 +136,9 @@ export interface OpenViewOptions {
 
 interface Unit extends PoolUnit {
   file: JournalFile;
+  /** Where the next record goes (records placed and being written count). */
   writtenBytes: number;
+  /** Lsn of the last record placed in the unit (durable or not yet), 0 when none. */
   lastLsn: number;
 }
 
@@ -157,6 +161,25 @@ interface QueuedBatch {
   reject(error: unknown): void;
 }
 
+/** The records of a group that go into one unit, and where. */
+interface GroupPart {
+  unit: Unit;
+  /** Where the part starts and ends in the unit. */
+  position: number;
+  end: number;
+  /** Header and data buffers, back to back from `position`. */
+  buffers: Buffer[];
+  records: QueuedRecord[];
+  positions: number[];
+}
+
+/** A group whose records are written and wait for their sync. */
+interface WrittenGroup {
+  batches: QueuedBatch[];
+  parts: GroupPart[];
+  bytes: number;
+}
+
 interface CheckpointState {
   marker: CheckpointMarker;
   markers: Map<number, { sequence: number; lsn: number; timeMs: number }>;
@@ -174,6 +197,22 @@ async function firstLsnOf(fileSystem: JournalFileSystem, filePath: string, unit:
     await file.close();
   }
 }
+
+/**
+ * Syncs of successive groups that may run at once. Each fdatasync waits for its writeback and then
+ * for a journal commit and device flushes; with several under way the next group's writeback
+ * reaches the device while the one before waits, and waiting syncs share commits. Measured by
+ * bench:journal (1 MiB records, 32 MiB in flight, ext4 over virtio, medians of three, one after
+ * the other): write and sync in turn as before 1,040 MiB/s; the next write overlapping one sync
+ * 1,410; two syncs at a time 1,590; four 1,730 (groups then settle at about 8 MiB); fio 1,750–1,870.
+ */
+const syncsInFlightMax = 4;
+
+/**
+ * While groups sync, the next group is cut from what waits down to this size, not below: a group
+ * costs a sync, and below a few MiB the sync's fixed cost outweighs the overlap it buys.
+ */
+const overlapGroupBytesMin = 4 * 1024 * 1024;
 
 /** Buffers up to this size are copied into one staging buffer before writing (fewer iovecs; memcpy is cheap). */
 const coalesceBytesMax = 512;
@@ -225,6 +264,8 @@ export class Journal {
   private readonly streamsQueued = new Map<number, number>();
   private readonly queue: QueuedBatch[] = [];
   private committing = false;
+  /** Wakes the commit loop when it waits for a sync with nothing queued (see `commitLoop`). */
+  private batchQueued: (() => void) | undefined;
   private failure: JournalFailedError | undefined;
   private promotion: Promise<void> = Promise.resolve();
   private readonly views = new Set<RecoveryView>();
@@ -352,11 +393,12 @@ export class Journal {
       this.openReport.cut = { unit: last.number, position: last.endPosition, reason: last.stopReason };
       this.emit({ type: 'tail-cut', unit: last.number, position: last.endPosition, reason: last.stopReason });
     }
-    // A group touches at most two units, and a group starts only after the previous one is synced:
-    // records two or more units past a damaged record were acknowledged after it, so the damage is
-    // not a torn tail, and cutting there would drop acknowledged records.
+    // Records written but not yet covered by a finished sync span at most half a unit (the commit
+    // loop keeps what is unacknowledged within that): records two or more units past a damaged
+    // record were acknowledged after it, so the damage is not a torn tail, and cutting there would
+    // drop acknowledged records.
     if (last && scan.endIsDamage) {
-      // A group is at most half a unit, so a group that reaches unit N+1 starts in unit N past its middle.
+      // The unsynced span is at most half a unit, so one that reaches unit N+1 starts in unit N past its middle.
       const nextMayShareGroup = last.endPosition > Math.floor(this.unitBytes / 2);
       for (const beyond of scan.unitsBeyond.filter((unit) => unit.number >= last.number + (nextMayShareGroup ? 2 : 1))) {
         const lsn = await firstLsnOf(this.fileSystem, beyond.path, beyond.number);
@@ -522,25 +564,78 @@ export class Journal {
     return new Promise((resolve, reject) => {
       this.queue.push({ records: queued, bytes, resolve, reject });
       if (!this.committing) void this.commitLoop();
+      else this.batchQueued?.();
     });
   }
 
+  /**
+   * Writes queued batches as groups and syncs each group as soon as it is written, so that the
+   * CPU work and the copy into the page cache of one group overlap the syncs of the groups before,
+   * and up to `syncsInFlightMax` syncs overlap each other (the second one's writeback goes to the
+   * device while the first waits for its journal commit). A group is acknowledged only when a sync
+   * that began after its write completed has finished, and groups are acknowledged in order. The
+   * groups not yet acknowledged stay within `unsyncedBytesMax()`, which keeps the crash analysis
+   * of open (everything not yet synced lies within half a unit) true.
+   */
   private async commitLoop(): Promise<void> {
     this.committing = true;
+    /** Syncs under way, oldest first; each acknowledges its group (or fails it) and never rejects. */
+    const syncs: { done: Promise<void>; bytes: number; finished: boolean }[] = [];
+    let unackedBytes = 0;
+    const settle = (): void => {
+      while (syncs.length > 0 && syncs[0]!.finished) unackedBytes -= syncs.shift()!.bytes;
+    };
     try {
-      while (this.queue.length > 0) {
-        const groupBytesMax = Math.floor(this.unitBytes / 2);
+      for (;;) {
+        settle();
+        if (this.failure) {
+          for (const batch of this.queue.splice(0)) batch.reject(this.failure);
+          break;
+        }
+        const next = this.queue[0];
+        if (next === undefined) {
+          if (syncs.length === 0) break;
+          // Batches acknowledged by a sync come back while the next one runs; waiting for the sync
+          // alone would leave them queued through it.
+          await Promise.race([syncs[0]!.done, new Promise<void>((resolve) => (this.batchQueued = resolve))]);
+          this.batchQueued = undefined;
+          continue;
+        }
+        if (syncs.length > 0 && unackedBytes + next.bytes > this.unsyncedBytesMax()) {
+          await syncs[0]!.done;
+          continue;
+        }
+        // While groups sync, the next one takes a share of what is unacknowledged (one per sync
+        // that may run at once, but never less than `overlapGroupBytesMin`), so that the syncs
+        // carry similar loads. Taking all that waited would lock into alternating tiny and huge
+        // groups (the batches one sync acknowledges all come back while the next is written), and
+        // a tiny group's sync hides little of a huge group's.
+        let groupBytesMax = this.unsyncedBytesMax() - unackedBytes;
+        if (syncs.length > 0) {
+          let queuedBytes = 0;
+          for (const batch of this.queue) queuedBytes += batch.bytes;
+          const shareBytes = Math.ceil((unackedBytes + queuedBytes) / syncsInFlightMax);
+          groupBytesMax = Math.min(groupBytesMax, Math.max(next.bytes, overlapGroupBytesMin, shareBytes));
+        }
         const group: QueuedBatch[] = [];
         let bytes = 0;
         while (this.queue.length > 0 && (group.length === 0 || bytes + this.queue[0]!.bytes <= groupBytesMax)) {
           bytes += this.queue[0]!.bytes;
           group.push(this.queue.shift()!);
         }
+        unackedBytes += bytes;
+        let written: WrittenGroup;
         try {
-          await this.writeGroup(group);
+          written = await this.writeGroup(group);
         } catch (error) {
+          // The groups before are acknowledged (or failed) first, so that what is durable is what was written.
+          await Promise.all(syncs.map((sync) => sync.done));
+          syncs.length = 0;
+          unackedBytes = 0;
           const rest = [...group, ...this.queue.splice(0)];
-          if (error instanceof DatastoreFullError) {
+          if (this.failure) {
+            for (const batch of rest) batch.reject(this.failure);
+          } else if (error instanceof DatastoreFullError) {
             // Nothing of the group was written: forget the queued state and refuse every waiting batch.
             this.queuedLsn = this.durableLsn;
             this.streamsQueued.clear();
@@ -551,59 +646,106 @@ export class Journal {
             this.failure = new JournalFailedError(this.name, error);
             for (const batch of rest) batch.reject(this.failure);
           }
-          return;
+          continue;
         }
-        for (const batch of group) batch.resolve({ lsnFirst: batch.records[0]!.lsn, lsnLast: batch.records[batch.records.length - 1]!.lsn });
+        settle();
+        if (syncs.length >= syncsInFlightMax) {
+          await syncs[0]!.done;
+          settle();
+        }
+        const sync = { done: Promise.resolve(), bytes, finished: false };
+        sync.done = this.syncGroup(written, syncs[syncs.length - 1]?.done).then(() => {
+          sync.finished = true;
+        });
+        syncs.push(sync);
       }
     } finally {
       this.committing = false;
     }
   }
 
-  private async writeGroup(group: QueuedBatch[]): Promise<void> {
+  /**
+   * Bytes of records that may be written but not yet covered by a finished sync: half a unit, so
+   * that a torn record and every record written after it lie within half a unit (see `recover`).
+   */
+  private unsyncedBytesMax(): number {
+    return Math.floor(this.unitBytes / 2);
+  }
+
+  /** Places the group's records (taking the spare when the current unit is full), encodes their headers and writes them. */
+  private async writeGroup(group: QueuedBatch[]): Promise<WrittenGroup> {
     let unit = this.units[this.units.length - 1]!;
-    const placed: { unit: Unit; position: number; buffers: Buffer[]; records: { record: QueuedRecord; position: number }[] }[] = [];
-    let target = { unit, position: unit.writtenBytes, buffers: [] as Buffer[], records: [] as { record: QueuedRecord; position: number }[] };
+    const parts: GroupPart[] = [];
+    let part: GroupPart = { unit, position: unit.writtenBytes, end: unit.writtenBytes, buffers: [], records: [], positions: [] };
     let position = unit.writtenBytes;
     let recordCount = 0;
-    for (const batch of group) recordCount += batch.records.length;
+    let bytes = 0;
+    for (const batch of group) {
+      recordCount += batch.records.length;
+      bytes += batch.bytes;
+    }
     const headers = Buffer.allocUnsafe(recordCount * recordHeaderBytes);
     let headerAt = 0;
     for (const batch of group) {
       for (const record of batch.records) {
         const size = recordHeaderBytes + recordDataBytes(record.kind, record.lengthBytes);
         if (position + size > this.unitBytes) {
-          if (target.buffers.length > 0) placed.push(target);
+          if (part.records.length > 0) parts.push(part);
           unit = await this.takeSpare();
           position = 0;
-          target = { unit, position: 0, buffers: [], records: [] };
+          part = { unit, position: 0, end: 0, buffers: [], records: [], positions: [] };
         }
         encodeHeaderAt(headers, headerAt, record, unit.number, this.meta.generation, record.data);
-        target.buffers.push(headers.subarray(headerAt, headerAt + recordHeaderBytes));
+        part.buffers.push(headers.subarray(headerAt, headerAt + recordHeaderBytes));
         headerAt += recordHeaderBytes;
-        if (record.data) target.buffers.push(record.data);
-        target.records.push({ record, position });
-        // The unit counts the record at once, not after the sync: a promotion that runs meanwhile must
-        // not release a unit this group is still writing into.
-        unit.lastLsn = record.lsn;
+        if (record.data) part.buffers.push(record.data);
+        part.records.push(record);
+        part.positions.push(position);
         position += size;
+        part.end = position;
       }
     }
-    if (target.buffers.length > 0) placed.push(target);
-    for (const part of placed) part.buffers = coalesce(part.buffers);
-    await Promise.all(placed.map((part) => part.unit.file.pwrite(part.buffers, part.position)));
-    await Promise.all(placed.map((part) => part.unit.file.fsync()));
-    for (const part of placed) {
-      for (const { record, position: at } of part.records) {
-        this.index.add(record, part.unit.number, at);
+    if (part.records.length > 0) parts.push(part);
+    // Placement is settled: the next group goes after this one even before this one is durable. A
+    // unit's last lsn counts these records at once, so that it is not released before they are promoted.
+    for (const placed of parts) {
+      placed.unit.writtenBytes = placed.end;
+      placed.unit.lastLsn = placed.records[placed.records.length - 1]!.lsn;
+    }
+    await Promise.all(parts.map((placed) => placed.unit.file.pwrite(coalesce(placed.buffers), placed.position)));
+    return { batches: group, parts, bytes };
+  }
+
+  /**
+   * Syncs every unit the group touched, waits for the group before (`previous`) to be settled, then
+   * indexes and acknowledges it; a failed sync fails the journal and every group after it.
+   */
+  private async syncGroup(group: WrittenGroup, previous: Promise<void> | undefined): Promise<void> {
+    let error: unknown;
+    try {
+      await Promise.all(group.parts.map((part) => part.unit.file.fsync()));
+    } catch (caught) {
+      error = caught;
+    }
+    await previous;
+    if (error !== undefined) this.failure ??= new JournalFailedError(this.name, error);
+    if (this.failure) {
+      for (const batch of group.batches) batch.reject(this.failure);
+      return;
+    }
+    for (const part of group.parts) {
+      const unitNumber = part.unit.number;
+      for (let i = 0; i < part.records.length; i++) {
+        const record = part.records[i]!;
+        this.index.add(record, unitNumber, part.positions[i]!);
         this.streamsDurable.set(record.stream, record.sequence);
         if (record.kind === RecordKind.checkpoint) this.noteMarker(record.stream, record.sequence, record.lsn, record.timeMs, record.data!);
-        part.unit.lastLsn = record.lsn;
-        part.unit.writtenBytes = at + recordHeaderBytes + recordDataBytes(record.kind, record.lengthBytes);
       }
     }
-    this.durableLsn = group[group.length - 1]!.records[group[group.length - 1]!.records.length - 1]!.lsn;
+    const lastBatch = group.batches[group.batches.length - 1]!;
+    this.durableLsn = lastBatch.records[lastBatch.records.length - 1]!.lsn;
     this.evaluateAlerts();
+    for (const batch of group.batches) batch.resolve({ lsnFirst: batch.records[0]!.lsn, lsnLast: batch.records[batch.records.length - 1]!.lsn });
   }
 
   // ---- checkpoints -----------------------------------------------------------

@@ -25,7 +25,7 @@
  * Writes go to a scratch file in 4 KiB blocks (read-modify-write at the edges),
  * limited to `scratchBytesMax`, removed when the view closes.
  */
-import { writeDataLength, type BackingStore, type Extent, type WriteData, type ZeroOptions } from '../tap/backing-store.js';
+import { cachedReadBytesMax, writeDataLength, type BackingStore, type Extent, type WriteData, type ZeroOptions } from '../tap/backing-store.js';
 import { ScratchFullError, ViewInvalidatedError } from './errors.js';
 import type { JournalFile, JournalFileSystem } from './file-system.js';
 import type { Journal } from './journal.js';
@@ -56,6 +56,12 @@ export interface ViewBuildOptions {
 }
 
 const chunkMask = indexChunkRecords - 1;
+/** Numbers per piece of a read: unit (or `zeroPiece`), position, offset in the record's data, volume start, volume end. */
+const pieceFields = 5;
+/** The unit of a piece that reads as zeroes (a zero or trim record). */
+const zeroPiece = -1;
+/** Reads up to this size ask the replica in page-cache-sized pieces (see `readBase`); about 0.1 ms of copying. */
+const loopReadBytesMax = 1024 * 1024;
 
 /** Calls `visit(chunk, at, lsn)` for every index row with lsn in [from, to]. */
 function forRows(journal: Journal, from: number, to: number, visit: (chunk: Journal['index']['chunks'][number], at: number, lsn: number) => void): void {
@@ -169,39 +175,64 @@ export class RecoveryView implements BackingStore {
     }
   }
 
-  /** The view's bytes before scratch writes. */
+  /**
+   * The view's bytes before scratch writes: the pieces that come from the journal or are zero are
+   * found first, the rest comes from the replica. For reads up to `loopReadBytesMax` the replica is
+   * asked in pieces of at most `cachedReadBytesMax`, which a file replica copies from the page
+   * cache at once on this thread; a thread pool request per range instead cost more than the copy
+   * it carried (on a 2-core VM a 1 MiB view read with four replica ranges took 190 µs of CPU that
+   * way against 130 µs in pieces, and reading the replica file directly 100 µs). Larger reads ask
+   * for each range whole, so the event loop is never held for long. Replica requests go first,
+   * then the journal's pieces are copied while any that missed the page cache run.
+   */
   private async readBase(target: Buffer, offset: number): Promise<void> {
     const journal = this.host.journal;
     journal.viewReadsInFlight++;
     try {
-      const tasks: Promise<unknown>[] = [];
       const end = offset + target.length;
-      let cursor = offset;
+      const pieces: number[] = [];
       const fromReplica: number[] = [];
+      let cursor = offset;
       while (cursor < end) {
         const bucket = Math.floor(cursor / this.bucketBytes);
         const segmentEnd = Math.min(end, (bucket + 1) * this.bucketBytes);
-        this.resolveSegment(bucket, cursor, segmentEnd, target, offset, tasks, fromReplica);
+        this.resolveSegment(bucket, cursor, segmentEnd, pieces, fromReplica);
         cursor = segmentEnd;
       }
-      // Replica ranges that meet at bucket edges are read as one.
-      for (let i = 0; i < fromReplica.length; ) {
-        const start = fromReplica[i]!;
-        let stop = fromReplica[i + 1]!;
-        i += 2;
-        while (i < fromReplica.length && fromReplica[i] === stop) {
-          stop = fromReplica[i + 1]!;
-          i += 2;
+      const tasks: Promise<unknown>[] = [];
+      const requestBytesMax = target.length <= loopReadBytesMax ? cachedReadBytesMax : Infinity;
+      const replica = this.host.replica;
+      for (let i = 0; i < fromReplica.length; i += 2) {
+        const stop = fromReplica[i + 1]!;
+        for (let start = fromReplica[i]!; start < stop; start += requestBytesMax) {
+          const requestEnd = Math.min(stop, start + requestBytesMax);
+          tasks.push(replica.read(target.subarray(start - offset, requestEnd - offset), start));
         }
-        tasks.push(this.host.replica.read(target.subarray(start - offset, stop - offset), start));
       }
+      for (let i = 0; i < pieces.length; i += pieceFields) this.copyPiece(pieces, i, target.subarray(pieces[i + 3]! - offset, pieces[i + 4]! - offset), tasks);
       await Promise.all(tasks);
     } finally {
       journal.viewReadsInFlight--;
     }
   }
 
-  private resolveSegment(bucket: number, start: number, end: number, target: Buffer, targetOffset: number, tasks: Promise<unknown>[], fromReplica: number[]): void {
+  /** Fills `into` with the piece at `i`: zeroes, or the record's data (from the page cache at once when it can). */
+  private copyPiece(pieces: number[], i: number, into: Buffer, tasks: Promise<unknown>[]): void {
+    const unit = pieces[i]!;
+    if (unit === zeroPiece) {
+      into.fill(0);
+      return;
+    }
+    const journal = this.host.journal;
+    if (!journal.readRecordDataCached(unit, pieces[i + 1]!, pieces[i + 2]!, into)) tasks.push(journal.readRecordData(unit, pieces[i + 1]!, pieces[i + 2]!, into));
+  }
+
+  /**
+   * Finds what covers [start, end) of one bucket: records are added to `pieces` (unit or
+   * `zeroPiece`, position, offset in the data, volume start and end), the rest to `fromReplica` as
+   * [start, end) pairs, joined with the pair before when they meet.
+   */
+  private resolveSegment(bucket: number, start: number, end: number, pieces: number[], fromReplica: number[]): void {
     const journal = this.host.journal;
     const index = journal.index;
     const watermark = journal.watermarkLsn;
@@ -227,19 +258,16 @@ export class RecoveryView implements BackingStore {
         }
         if (a < low) next.push(a, low);
         if (high < b) next.push(high, b);
-        const piece = target.subarray(low - targetOffset, high - targetOffset);
-        if (kind === RecordKind.write) {
-          // Most reads hit the page cache: copy at once rather than through a promise per piece.
-          if (!journal.readRecordDataCached(chunk.unit[at]!, chunk.position[at]!, low - recordStart, piece)) {
-            tasks.push(journal.readRecordData(chunk.unit[at]!, chunk.position[at]!, low - recordStart, piece));
-          }
-        }
-        else piece.fill(0);
+        if (kind === RecordKind.write) pieces.push(chunk.unit[at]!, chunk.position[at]!, low - recordStart, low, high);
+        else pieces.push(zeroPiece, 0, 0, low, high);
       }
       uncovered = next;
     }
     // Pairs are disjoint and sorted within the segment; segments come in order.
-    for (let i = 0; i < uncovered.length; i += 2) fromReplica.push(uncovered[i]!, uncovered[i + 1]!);
+    for (let i = 0; i < uncovered.length; i += 2) {
+      if (fromReplica.length > 0 && fromReplica[fromReplica.length - 1] === uncovered[i]) fromReplica[fromReplica.length - 1] = uncovered[i + 1]!;
+      else fromReplica.push(uncovered[i]!, uncovered[i + 1]!);
+    }
   }
 
   async read(target: Buffer, offset: number): Promise<void> {
