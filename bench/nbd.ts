@@ -33,6 +33,7 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { repositoryRoot, run } from '../test/helpers.js';
 import { parseSizeBytes } from '../src/util/size.js';
+import { snapshotLifeline } from './snapshot.js';
 
 // ------------------------------------------------------------------ options
 
@@ -410,40 +411,6 @@ async function syncFile(file: string): Promise<void> {
   } finally {
     fs.closeSync(fd);
   }
-}
-
-/**
- * Copies the built Lifeline (dist/src, the native addon, bin, package.json) into
- * `dir`, so that a rebuild of the shared work tree during the run (other people
- * compile into the same dist/) cannot change the code under test half-way.
- * Returns a SHA-256 over the copied files, to tell builds apart.
- */
-function snapshotLifeline(dir: string): { bin: string; sha256: string; staleSources: string[] } {
-  const root = path.join(dir, 'lifeline');
-  const hash = crypto.createHash('sha256');
-  const copy = (from: string, to: string): void => {
-    fs.mkdirSync(path.dirname(to), { recursive: true });
-    fs.copyFileSync(from, to);
-    hash.update(path.relative(dir, to)).update(fs.readFileSync(to));
-  };
-  const staleSources: string[] = [];
-  const walk = (relative: string): void => {
-    const entries = fs.readdirSync(path.join(repositoryRoot, 'dist', relative), { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name));
-    for (const entry of entries) {
-      const child = path.join(relative, entry.name);
-      if (entry.isDirectory()) walk(child);
-      else if (entry.name.endsWith('.js') && !entry.name.endsWith('.test.js')) {
-        copy(path.join(repositoryRoot, 'dist', child), path.join(root, 'dist', child));
-        const source = path.join(repositoryRoot, child.replace(/\.js$/, '.ts'));
-        if (fs.existsSync(source) && fs.statSync(source).mtimeMs > fs.statSync(path.join(repositoryRoot, 'dist', child)).mtimeMs) staleSources.push(child.replace(/\.js$/, '.ts'));
-      }
-    }
-  };
-  walk('src');
-  copy(path.join(repositoryRoot, 'build', 'Release', 'lifeline_native.node'), path.join(root, 'build', 'Release', 'lifeline_native.node'));
-  copy(path.join(repositoryRoot, 'bin', 'lifeline'), path.join(root, 'bin', 'lifeline'));
-  copy(path.join(repositoryRoot, 'package.json'), path.join(root, 'package.json'));
-  return { bin: path.join(root, 'bin', 'lifeline'), sha256: hash.digest('hex').slice(0, 16), staleSources };
 }
 
 // ------------------------------------------------------------------ running

@@ -42,7 +42,6 @@
  *        [--profile-dir DIR] [--no-save]
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -51,6 +50,8 @@ import { freePort, prng, repositoryRoot, run } from '../test/helpers.js';
 import { parseSizeBytes } from '../src/util/size.js';
 import type { SourceGroupStatus } from '../src/appliance/source-group.js';
 import type { TargetGroupStatus } from '../src/appliance/target-group.js';
+import { systemBinaries, vmMix } from './datasets.js';
+import { snapshotLifeline } from './snapshot.js';
 
 // ------------------------------------------------------------------ options
 
@@ -169,7 +170,6 @@ function parseOptions(argv: string[]): Options {
 
 const mib = 1024 * 1024;
 const gib = 1024 * mib;
-const blockBytes = 4096;
 /** The group's name in both configurations. */
 const group = 'pg1';
 /** How often the source's status is sampled while fio writes. */
@@ -833,19 +833,7 @@ function writeVmMix(file: string, bytes: number, seed: number): string {
     const chunk = Buffer.alloc(4 * mib);
     for (let done = 0; done < bytes; ) {
       const step = Math.min(chunk.length, bytes - done);
-      chunk.fill(0);
-      for (let at = 0; at < step; at += blockBytes) {
-        const pick = random();
-        let block: Buffer;
-        if (pick < 0.3) continue; // zeros
-        else if (pick < 0.45) block = randomBlock(random);
-        else if (pick < 0.6) block = logText(blockBytes, random);
-        else if (pick < 0.85) {
-          const from = Math.floor((random() * (binaries.data.length - blockBytes)) / blockBytes) * blockBytes;
-          block = binaries.data.subarray(from, from + blockBytes);
-        } else block = inodeBlock(random);
-        block.copy(chunk, at);
-      }
+      vmMix(step, random, binaries.data).copy(chunk);
       let written = 0;
       while (written < step) written += fs.writeSync(fd, chunk, written, step - written, done + written);
       done += step;
@@ -857,84 +845,9 @@ function writeVmMix(file: string, bytes: number, seed: number): string {
   return `4 KiB blocks drawn at random (seed ${seed}): 30 % zeros, 15 % random, 15 % log text, 25 % binaries (64 MiB of ${binaries.source}), 15 % inode-table records`;
 }
 
-function randomBlock(random: () => number): Buffer {
-  const out = Buffer.alloc(blockBytes);
-  for (let i = 0; i < blockBytes; i += 4) out.writeUInt32LE((random() * 0x100000000) >>> 0, i);
-  return out;
-}
 
-function logText(size: number, random: () => number): Buffer {
-  const levels = ['INFO', 'INFO', 'INFO', 'DEBUG', 'WARN', 'ERROR'];
-  const messages = [
-    'journal: appended %d records (lsn %d..%d) in %d ms',
-    'nbd: client 10.0.%d.%d connected, export vm-%d, %d connections',
-    'replication: batch %d sent, %d bytes raw, %d bytes on the wire',
-    'tap: flush of volume %d took %d ms, %d writes pending',
-    'kernel: EXT4-fs (vda%d): mounted filesystem with ordered data mode, %d inodes',
-  ];
-  let text = '';
-  let timeMs = 1_795_000_000_000;
-  while (text.length < size) {
-    timeMs += Math.floor(random() * 5000);
-    const message = messages[Math.floor(random() * messages.length)]!.replace(/%d/g, () => String(Math.floor(random() * 100_000)));
-    text += `${new Date(timeMs).toISOString()} host-${Math.floor(random() * 20)} lifeline[${1000 + Math.floor(random() * 50)}]: ${levels[Math.floor(random() * levels.length)]} ${message}\n`;
-  }
-  return Buffer.from(text.slice(0, size), 'latin1');
-}
 
-/** Real files of this machine, read in path order until `size` bytes. */
-function systemBinaries(size: number): { data: Buffer; source: string } {
-  const out = Buffer.alloc(size);
-  let at = 0;
-  const roots = ['/usr/lib/x86_64-linux-gnu', '/usr/lib', '/usr/bin'].filter((root) => fs.existsSync(root));
-  const walk = (dir: string): void => {
-    let names: string[];
-    try {
-      names = fs.readdirSync(dir).sort();
-    } catch {
-      return;
-    }
-    for (const name of names) {
-      if (at >= size) return;
-      const full = path.join(dir, name);
-      const stat = fs.lstatSync(full, { throwIfNoEntry: false });
-      if (!stat) continue;
-      if (stat.isDirectory()) walk(full);
-      else if (stat.isFile() && stat.size >= blockBytes) {
-        try {
-          const data = fs.readFileSync(full);
-          at += data.copy(out, at, 0, Math.min(data.length, size - at));
-        } catch {
-          // Unreadable: skip it.
-        }
-      }
-    }
-  };
-  for (const root of roots) walk(root);
-  return { data: out.subarray(0, at), source: roots.join(', ') };
-}
 
-/** 4 KiB of inode-table-like records: 256-byte entries of small, close numbers and zero padding. */
-function inodeBlock(random: () => number): Buffer {
-  const out = Buffer.alloc(blockBytes);
-  const baseTime = 1_700_000_000 + Math.floor(random() * 1_000_000);
-  let block = Math.floor(random() * 1_000_000);
-  for (let record = 0; record < blockBytes / 256; record++) {
-    const at = record * 256;
-    if (random() < 0.2) continue; // a free inode
-    out.writeUInt16LE(random() < 0.7 ? 0o100644 : 0o040755, at);
-    out.writeUInt16LE(1000, at + 2);
-    out.writeUInt32LE(Math.floor(random() * 200_000), at + 4);
-    for (let t = 0; t < 4; t++) out.writeUInt32LE(baseTime + Math.floor(random() * 100), at + 8 + 4 * t);
-    out.writeUInt16LE(1000, at + 24);
-    out.writeUInt16LE(1, at + 26);
-    for (let pointer = 0; pointer < 12; pointer++) {
-      block += 1 + Math.floor(random() * 3);
-      out.writeUInt32LE(block, at + 40 + 4 * pointer);
-    }
-  }
-  return out;
-}
 
 /** Writes every block of the volume (zeros), so that no run pays for allocating the file. */
 function preallocate(file: string, bytes: number): void {
@@ -951,39 +864,6 @@ function preallocate(file: string, bytes: number): void {
   } finally {
     fs.closeSync(fd);
   }
-}
-
-/**
- * Copies the built Lifeline (dist/src, the native addon, bin, package.json) into `dir`, so that a
- * rebuild of the shared work tree during the run cannot change the code under test half-way.
- * Returns a SHA-256 over the copied files, to tell builds apart. (The same as bench/nbd.ts does.)
- */
-function snapshotLifeline(dir: string): { bin: string; sha256: string; staleSources: string[] } {
-  const root = path.join(dir, 'lifeline');
-  const hash = crypto.createHash('sha256');
-  const copy = (from: string, to: string): void => {
-    fs.mkdirSync(path.dirname(to), { recursive: true });
-    fs.copyFileSync(from, to);
-    hash.update(path.relative(dir, to)).update(fs.readFileSync(to));
-  };
-  const staleSources: string[] = [];
-  const walk = (relative: string): void => {
-    const entries = fs.readdirSync(path.join(repositoryRoot, 'dist', relative), { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name));
-    for (const entry of entries) {
-      const child = path.join(relative, entry.name);
-      if (entry.isDirectory()) walk(child);
-      else if (entry.name.endsWith('.js') && !entry.name.endsWith('.test.js')) {
-        copy(path.join(repositoryRoot, 'dist', child), path.join(root, 'dist', child));
-        const source = path.join(repositoryRoot, child.replace(/\.js$/, '.ts'));
-        if (fs.existsSync(source) && fs.statSync(source).mtimeMs > fs.statSync(path.join(repositoryRoot, 'dist', child)).mtimeMs) staleSources.push(child.replace(/\.js$/, '.ts'));
-      }
-    }
-  };
-  walk('src');
-  copy(path.join(repositoryRoot, 'build', 'Release', 'lifeline_native.node'), path.join(root, 'build', 'Release', 'lifeline_native.node'));
-  copy(path.join(repositoryRoot, 'bin', 'lifeline'), path.join(root, 'bin', 'lifeline'));
-  copy(path.join(repositoryRoot, 'package.json'), path.join(root, 'package.json'));
-  return { bin: path.join(root, 'bin', 'lifeline'), sha256: hash.digest('hex').slice(0, 16), staleSources };
 }
 
 // ------------------------------------------------------------------ machine

@@ -6,13 +6,13 @@
  * on a local address) reports status and takes commands.
  */
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { NbdServer, type ExportConfig } from '../nbd/server.js';
 import { nodeFileSystem, type JournalFileSystem } from '../journal/file-system.js';
 import { FileBackingStore, type BackingStore } from '../tap/backing-store.js';
 import type { Logger } from '../util/logger.js';
+import { formatAddress } from '../util/address.js';
 import { SocketFrameLink, type FrameLink } from '../replication/link.js';
 import { TokenBucket } from '../replication/rate.js';
 import { Receiver, type ReceiverTarget } from '../replication/receiver.js';
@@ -55,11 +55,6 @@ interface ServedVolume {
   name: string;
   path: string;
   file: FileBackingStore;
-}
-
-function formatAddress(address: net.AddressInfo | string | null): string {
-  if (!address || typeof address === 'string') return String(address);
-  return address.family === 'IPv6' ? `[${address.address}]:${address.port}` : `${address.address}:${address.port}`;
 }
 
 export class Appliance {
@@ -239,7 +234,7 @@ export class Appliance {
     if (exports.length === 0 && this.targets.size === 0) return;
     this.nbd = new NbdServer({ exports, logger: this.logger, allowNoExports: true });
     const address = await this.nbd.listen({ host: listen.host, port: listen.port });
-    this.addresses.nbd = typeof address === 'string' ? address : formatAddress(address as net.AddressInfo);
+    this.addresses.nbd = formatAddress(address);
     this.logger.info('serving volumes over NBD', { address: this.addresses.nbd, volumes: exports.map((entry) => entry.name) });
   }
 

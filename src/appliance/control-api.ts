@@ -19,6 +19,7 @@
  */
 import * as http from 'node:http';
 import type { Logger } from '../util/logger.js';
+import { formatAddress } from '../util/address.js';
 import type { Appliance } from './appliance.js';
 import { ConfigError, parseProtectConfig } from './config.js';
 import type { ViewPoint } from '../journal/journal.js';
@@ -72,8 +73,7 @@ export class ControlApi {
       this.server.once('error', reject);
       this.server.listen(address.port, address.host, () => {
         this.server.off('error', reject);
-        const bound = this.server.address();
-        resolve(typeof bound === 'string' || !bound ? String(bound) : `${bound.family === 'IPv6' ? `[${bound.address}]` : bound.address}:${bound.port}`);
+        resolve(formatAddress(this.server.address()));
       });
     });
   }

@@ -104,7 +104,8 @@ export class Receiver {
     this.links.delete(link);
   }
 
-  get options_(): ReceiverOptions {
+  /** @internal */
+  get settings(): ReceiverOptions {
     return this.options;
   }
 
@@ -135,7 +136,7 @@ class ReceiverSession {
   private readonly scheduler: Scheduler;
 
   constructor(private readonly receiver: Receiver, private readonly link: FrameLink) {
-    this.scheduler = receiver.options_.scheduler;
+    this.scheduler = receiver.settings.scheduler;
     this.lastHeardMs = this.scheduler.nowMs();
   }
 
@@ -208,7 +209,7 @@ class ReceiverSession {
     await receiver.claim(this.key, this.link, () => this.appendsSettled());
     let opened: Awaited<ReturnType<ReceiverTarget['openStream']>>;
     try {
-      opened = await receiver.options_.target.openStream(hello, this.link.peerName);
+      opened = await receiver.settings.target.openStream(hello, this.link.peerName);
     } catch (error) {
       releaseIdle();
       this.refuse({ code: 'journal-failed', message: error instanceof Error ? error.message : String(error) });
@@ -226,7 +227,7 @@ class ReceiverSession {
       return;
     }
     this.sequenceNext = this.stream.sequenceDurable + 1;
-    const welcome: Welcome = { protocolVersion, epoch: hello.epoch, sequenceDurable: this.stream.sequenceDurable, appliance: receiver.options_.appliance };
+    const welcome: Welcome = { protocolVersion, epoch: hello.epoch, sequenceDurable: this.stream.sequenceDurable, appliance: receiver.settings.appliance };
     this.link.send('welcome', encodeJson(welcome));
     receiver.log.info('replication session accepted', { group: hello.group, source: hello.appliance, epoch: hello.epoch, sequenceDurable: welcome.sequenceDurable });
     releaseIdle();
