@@ -33,27 +33,43 @@ export interface RunOptions {
   cwd?: string;
   /** Resolve even when the exit code is not 0. */
   allowFailure?: boolean;
+  /** Kills the command (SIGKILL) when aborted; the promise then rejects (or resolves with allowFailure). */
+  signal?: AbortSignal;
 }
 
 /** Runs a command to completion; rejects on a non-zero exit unless allowFailure. */
 export function run(command: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
   const timeoutMs = options.timeoutMs ?? 120_000;
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env: options.env ?? process.env, cwd: options.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    // A process group of its own, so that a kill reaches the command's children too (fio's job
+    // processes outlive a killed parent, keep its pipes open and spin when their server is gone).
+    const child = spawn(command, args, { env: options.env ?? process.env, cwd: options.cwd, stdio: ['pipe', 'pipe', 'pipe'], detached: true });
+    const killGroup = (): void => {
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        // The group has already gone.
+      }
+    };
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (chunk) => (stdout += chunk));
-    child.stderr.on('data', (chunk) => (stderr += chunk));
+    // Keeps the last MiB of each stream: a command that loops on an error must not fill the test's memory.
+    const outputCharsMax = 1024 * 1024;
+    child.stdout.on('data', (chunk) => (stdout = (stdout + chunk).slice(-outputCharsMax)));
+    child.stderr.on('data', (chunk) => (stderr = (stderr + chunk).slice(-outputCharsMax)));
     const timer = setTimeout(() => {
-      child.kill('SIGKILL');
+      killGroup();
       reject(new Error(`${command} ${args.join(' ')} timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
     }, timeoutMs);
+    options.signal?.addEventListener('abort', killGroup, { once: true });
+    if (options.signal?.aborted) killGroup();
     child.on('error', (error) => {
       clearTimeout(timer);
       reject(new Error(`Cannot run ${command}: ${error.message}`, { cause: error }));
     });
     child.on('close', (code, signal) => {
       clearTimeout(timer);
+      killGroup();
       const result = { code, signal, stdout, stderr };
       if (code !== 0 && !options.allowFailure) {
         reject(new Error(`${command} ${args.join(' ')} exited with ${code ?? signal}\nstdout: ${stdout}\nstderr: ${stderr}`));
@@ -140,16 +156,31 @@ export async function startLifeline(args: string[], options: { startMsMax?: numb
   return server;
 }
 
-/** A TCP port that was free a moment ago (for peers that cannot pick their own). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const port = (probe.address() as net.AddressInfo).port;
-      probe.close(() => resolve(port));
+/** Ports this process has handed out, never handed out twice. */
+const portsGiven = new Set<number>();
+
+/**
+ * A TCP port that was free a moment ago (for peers that cannot pick their own). It is drawn below
+ * the kernel's ephemeral range (32768-60999 here), so that no outgoing connection of another test
+ * can take it between this probe and the peer's listen.
+ */
+export async function freePort(): Promise<number> {
+  const low = 10_000;
+  const high = 32_767;
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const port = low + Math.floor(Math.random() * (high - low + 1));
+    if (portsGiven.has(port)) continue;
+    const free = await new Promise<boolean>((resolve) => {
+      const probe = net.createServer();
+      probe.once('error', () => resolve(false));
+      probe.listen(port, '127.0.0.1', () => probe.close(() => resolve(true)));
     });
-  });
+    if (free) {
+      portsGiven.add(port);
+      return port;
+    }
+  }
+  throw new Error(`no free TCP port found between ${low} and ${high}`);
 }
 
 /** Creates a file of `sizeBytes` with pseudo-random content from a seed. */

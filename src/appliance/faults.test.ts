@@ -110,13 +110,29 @@ async function startRig(t: TestContext, name: string, options: TwoSitesOptions &
     },
   };
   t.after(async () => {
-    await rig.source?.kill();
-    await rig.target?.kill();
-    await proxy.close();
+    await boundedStep('killing the source', () => rig.source?.kill());
+    await boundedStep('killing the target', () => rig.target?.kill());
+    await boundedStep('closing the fault proxy', () => proxy.close());
   });
   await rig.startTarget();
   await rig.startSource();
   return rig;
+}
+
+/**
+ * One clean-up step, failed with its name after `timeoutMs`: a step that never ends would otherwise
+ * let the event loop run dry and fail every later test with no hint of where it stopped.
+ */
+async function boundedStep(what: string, step: () => Promise<unknown> | undefined, timeoutMs = 30_000): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`clean-up: ${what} did not finish within ${timeoutMs} ms`)), timeoutMs);
+  });
+  try {
+    await Promise.race([step(), timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Runs a test's body; a failure carries the rig's state (statuses, proxy counters, logs). */
@@ -205,6 +221,8 @@ class Writer {
   private paused = true;
   private stopped = false;
   private current: Promise<unknown> = Promise.resolve();
+  /** Aborts the run in progress (fio's nbd engine spins instead of failing when its server is gone). */
+  private abort = new AbortController();
   private wake: (() => void) | undefined;
   private readonly loop: Promise<void>;
 
@@ -220,13 +238,21 @@ class Writer {
   /** Resolves once the run in progress has ended. */
   async pause(): Promise<void> {
     this.paused = true;
+    this.abortIfSourceGone();
     await this.current.catch(() => undefined);
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.abortIfSourceGone();
     this.wake?.();
     await this.loop;
+  }
+
+  /** A run against a source that is no longer running can only fail (or spin, for fio): end it now. */
+  private abortIfSourceGone(): void {
+    const source = this.rig.source.process;
+    if (source.exitCode !== null || source.signalCode !== null) this.abort.abort();
   }
 
   private async run(): Promise<void> {
@@ -238,13 +264,14 @@ class Writer {
         });
         continue;
       }
+      this.abort = new AbortController();
       const job = this.rig.random() < 0.7 ? this.fio() : this.qemuIo();
       this.current = job;
       try {
         await job;
         this.runs++;
       } catch (error) {
-        if (!this.options.allowFailure) this.failures.push((error as Error).message.slice(0, 2000));
+        if (!this.options.allowFailure && !this.abort.signal.aborted) this.failures.push((error as Error).message.slice(0, 2000));
         await sleep(100);
       }
     }
@@ -261,7 +288,7 @@ class Writer {
     return run('fio', [
       '--name=faults', '--ioengine=nbd', `--uri=${this.rig.source.nbd}/disk0`, '--rw=randwrite', '--bs=4k', '--iodepth=8', `--offset=${offset}`, `--size=${4 * MiB}`,
       '--rate_iops=2000', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', `--randseed=${seed}`, '--verify_state_save=0',
-    ], { timeoutMs: 60_000, cwd: this.rig.dir });
+    ], { timeoutMs: 60_000, cwd: this.rig.dir, signal: this.abort.signal });
   }
 
   private qemuIo(): Promise<unknown> {
@@ -276,7 +303,7 @@ class Writer {
       else if (choice < 0.9) commands.push('-c', `write -z ${offset} ${lengthBytes}`);
       else commands.push('-c', `discard ${offset} ${lengthBytes}`);
     }
-    return run('qemu-io', ['-f', 'raw', ...commands, `${this.rig.source.nbd}/disk0`], { timeoutMs: 60_000 });
+    return run('qemu-io', ['-f', 'raw', ...commands, `${this.rig.source.nbd}/disk0`], { timeoutMs: 60_000, signal: this.abort.signal });
   }
 }
 
@@ -290,7 +317,7 @@ test('network faults between the appliances: after each heals nothing acknowledg
     const initial = await drained(rig, 'initial sync', 60_000);
     assert.equal(initial.shipper.sessions, 1);
     const writer = new Writer(rig);
-    t.after(() => writer.stop());
+    t.after(() => boundedStep('stopping the writer', () => writer.stop()));
     const { proxy } = rig;
     const timings: string[] = [];
 
@@ -397,7 +424,7 @@ test('a graceful restart of the source under slow closes, then SIGKILL during wr
   await explained(rig, async () => {
     const first = await drained(rig, 'initial sync', 60_000);
     const writer = new Writer(rig, { allowFailure: true });
-    t.after(() => writer.stop());
+    t.after(() => boundedStep('stopping the writer', () => writer.stop()));
     writer.resume();
     await sleep(2000);
     // First a graceful restart (SIGTERM: the source drains its queue, then ends its link with a FIN) while
@@ -474,7 +501,7 @@ test('SIGKILL of the target during writes: the source resumes from the target du
   await explained(rig, async () => {
     const first = await drained(rig, 'initial sync', 60_000);
     const writer = new Writer(rig);
-    t.after(() => writer.stop());
+    t.after(() => boundedStep('stopping the writer', () => writer.stop()));
     writer.resume();
     await sleep(2500);
     rig.proxy.setFaults({ slowCloseMs: 2000 });

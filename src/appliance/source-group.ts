@@ -186,6 +186,13 @@ export class SourceGroup {
   private resyncPending: { volume: number; offset: number; lengthBytes: number }[] = [];
   private resyncPendingReason: string | undefined;
   /**
+   * Source time of the oldest write the queue discarded (bitmap mode) whose resync has not been
+   * acknowledged yet: the RPO counts it, since the target has no newer copy of that region.
+   */
+  private resyncOldestTimeMs: number | undefined;
+  /** The sequence whose acknowledgement ends `resyncOldestTimeMs` (the end marker of the resync that covers it). */
+  private resyncOldestClearAt: number | undefined;
+  /**
    * A sync ended after the queue had discarded entries: the next resync must run (with the discarded
    * ranges, or none) so that its end settles this one's regions in the dirty-region log; `initial` when
    * it also completes the initial sync.
@@ -372,6 +379,8 @@ export class SourceGroup {
       this.options.logger.warn('queue overflowed: new session with a resync of the discarded regions', { group: this.name, epoch: this.epoch, reason: regions.reason, resyncBytes: regions.resyncBytes });
       for (const [volume, ranges] of regions.volumes) for (const range of ranges) this.resyncPending.push({ volume, offset: range.offset, lengthBytes: range.lengthBytes });
       this.resyncPendingReason = `the queue discarded entries: ${regions.reason}`;
+      this.resyncOldestTimeMs = Math.min(this.resyncOldestTimeMs ?? Infinity, regions.oldestTimeMs ?? this.options.scheduler.nowMs());
+      this.resyncOldestClearAt = undefined;
     } finally {
       this.sessionChanging = false;
     }
@@ -467,6 +476,7 @@ export class SourceGroup {
       // The regions are clean, and the initial sync done, once the end marker is acknowledged.
       this.dirtyLog.endResync(resyncToken, end.sequence);
       if (initial) this.initialSyncEndSequence = end.sequence;
+      if (this.resyncOldestTimeMs !== undefined && this.resyncPending.length === 0 && !this.resyncFollowUp) this.resyncOldestClearAt = end.sequence;
     }
     this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal });
     this.sync = { ...this.sync, state: 'in-sync', bytesLeft: 0, etaMs: 0 };
@@ -474,6 +484,10 @@ export class SourceGroup {
 
   /** The target holds every entry up to `sequence`: an initial sync whose end it covers is done. */
   private acknowledged(sequence: number): void {
+    if (this.resyncOldestClearAt !== undefined && sequence >= this.resyncOldestClearAt) {
+      this.resyncOldestTimeMs = undefined;
+      this.resyncOldestClearAt = undefined;
+    }
     const end = this.initialSyncEndSequence;
     if (end === undefined || sequence < end) return;
     this.initialSyncEndSequence = undefined;
@@ -529,8 +543,19 @@ export class SourceGroup {
   }
 
   rpoMs(): number {
-    const oldest = this.queue.stats().oldestUnacknowledgedTimeMs;
-    return oldest === undefined ? 0 : Math.max(0, this.options.scheduler.nowMs() - oldest);
+    const queued = this.queue.stats().oldestUnacknowledgedTimeMs;
+    const oldest = Math.min(queued ?? Infinity, this.resyncOldestTimeMs ?? Infinity);
+    return oldest === Infinity ? 0 : Math.max(0, this.options.scheduler.nowMs() - oldest);
+  }
+
+  /** The sync state, counting a resync that waits to start (the group is not in sync until it has run). */
+  private syncStatus(): SyncProgress {
+    const waiting = this.resyncPending.length > 0 || this.resyncFollowUp !== undefined || this.syncRetry !== undefined;
+    if (this.sync.state !== 'in-sync' || !waiting) return { ...this.sync };
+    let bytesLeft = 0;
+    for (const region of this.syncRetry?.regions ?? this.resyncPending) bytesLeft += region.lengthBytes;
+    const reason = this.resyncPendingReason ?? this.sync.reason ?? 'a resync waits to start';
+    return { state: 'resync', reason: `${reason} (waiting to start)`, bytesTotal: bytesLeft, bytesDone: 0, bytesLeft, rateBytesPerSecond: 0, etaMs: undefined, startedMs: undefined };
   }
 
   status(): SourceGroupStatus {
@@ -548,7 +573,7 @@ export class SourceGroup {
       role: 'source',
       epoch: this.epoch,
       target: `${this.config.target.appliance} at ${this.config.target.address.host}:${this.config.target.address.port}`,
-      sync: { ...this.sync },
+      sync: this.syncStatus(),
       queue: this.queue.stats(),
       shipper,
       rpoMs,
