@@ -37,7 +37,12 @@ export const receiveBytesPendingMax = 256 * 1024 * 1024;
 export interface ReceiverStream {
   /** Highest sequence of this stream and epoch durable in the journal (0: none). */
   readonly sequenceDurable: number;
-  /** Appends entries (consecutive, starting at sequenceDurable + 1); resolves once they are durable. */
+  /**
+   * Appends entries (consecutive, starting at sequenceDurable + 1); resolves once they are durable.
+   * The receiver calls it again before an earlier call has resolved (pipelining, so that the
+   * journal commits several batches per sync): an implementation takes the entries in call order
+   * before it returns, resolves calls in that order, and rejects every later call once one failed.
+   */
   append(entries: StreamEntry[]): Promise<void>;
   /** The session using the stream is over. */
   release(): void;
@@ -129,7 +134,10 @@ class ReceiverSession {
   private ended = false;
   /** Next sequence this session will append. */
   private sequenceNext = 0;
+  /** Batches in arrival order: each is checked and handed to the journal after the one before. */
   private chain: Promise<void> = Promise.resolve();
+  /** Acknowledgements in order: each waits for its batch to be durable and for the one before. */
+  private acks: Promise<void> = Promise.resolve();
   private bytesPending = 0;
   private lastHeardMs: number;
   private silenceTimer: Timer | undefined;
@@ -235,10 +243,9 @@ class ReceiverSession {
 
   /** Settles when every append queued so far has settled. */
   private appendsSettled(): Promise<void> {
-    return this.chain.then(
-      () => undefined,
-      () => undefined,
-    );
+    const settled = (): undefined => undefined;
+    // A batch joins the acknowledgement chain only once the hand-over chain has reached it.
+    return this.chain.then(settled, settled).then(() => this.acks.then(settled, settled));
   }
 
   private onBatch(frame: Frame): void {
@@ -250,7 +257,7 @@ class ReceiverSession {
     this.bytesPending += frame.payload.length;
     if (this.bytesPending > receiveBytesPendingMax) throw new WireProtocolError(`the source has ${this.bytesPending} bytes waiting for the journal, over ${receiveBytesPendingMax}`);
     const payloadBytes = frame.payload.length;
-    this.chain = this.chain.then(async () => {
+    this.chain = this.chain.then(() => {
       if (this.ended) return;
       const stream = this.stream;
       if (!stream) throw new WireProtocolError('a batch on a stream that was not opened');
@@ -259,23 +266,28 @@ class ReceiverSession {
       counters.rawBytes += header.rawBytes;
       const last = entries[entries.length - 1]!.sequence;
       if (header.sequenceFirst > this.sequenceNext) throw new WireProtocolError(`a batch starts at sequence ${header.sequenceFirst}; ${this.sequenceNext} was expected`);
+      let durable: Promise<void> = Promise.resolve();
       if (last < this.sequenceNext) {
-        // Everything in it is already durable (a resend after a reconnect): acknowledge again.
+        // Everything in it is already durable or on its way (a resend after a reconnect): acknowledge again.
         counters.duplicatesSkipped += entries.length;
       } else {
         const skip = this.sequenceNext - header.sequenceFirst;
         counters.duplicatesSkipped += skip;
         entries = skip > 0 ? entries.slice(skip) : entries;
-        // The data are views into the decompressed body, which nothing else holds: the journal may keep them.
-        await stream.append(entries);
-        counters.entries += entries.length;
+        // The data are views into the decompressed body, which nothing else holds: the journal may
+        // keep them. The next batch is handed over without waiting for this one's sync.
+        durable = stream.append(entries);
+        const count = entries.length;
+        durable.then(() => (counters.entries += count), () => undefined);
         this.sequenceNext = last + 1;
       }
-      this.bytesPending -= payloadBytes;
-      if (!this.ended) {
-        const timeMsDurable = entries[entries.length - 1]!.timeMs;
-        this.link.send('ack', encodeAck({ sequenceDurable: this.sequenceNext - 1, timeMsDurable }));
-      }
+      const sequenceDurable = this.sequenceNext - 1;
+      const timeMsDurable = entries[entries.length - 1]!.timeMs;
+      this.acks = Promise.all([this.acks, durable]).then(() => {
+        this.bytesPending -= payloadBytes;
+        if (!this.ended) this.link.send('ack', encodeAck({ sequenceDurable, timeMsDurable }));
+      });
+      this.acks.catch((error: unknown) => this.fail(error));
     });
     this.chain.catch((error: unknown) => this.fail(error));
   }
