@@ -289,11 +289,12 @@ export class Appliance {
     if (this.nbd) await this.nbd.close();
     for (const name of [...this.views.keys()]) await this.closeView(name);
     await Promise.all([...this.sources.values()].map((source) => source.stop(stopDrainMsMax)));
-    if (this.receiveServer) {
-      const server = this.receiveServer;
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    }
+    // No new connections, then end the sessions: the server's close completes only once its
+    // connections have ended, so waiting for it before the receiver closes them never ends.
+    const server = this.receiveServer;
+    const serverClosed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
     await this.receiver?.close();
+    await serverClosed;
     for (const target of this.targets.values()) await target.close();
     for (const volume of this.volumes.values()) await volume.file.close();
   }
