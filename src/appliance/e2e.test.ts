@@ -44,11 +44,11 @@ test('two appliances: fio through NBD at the source, a checkpoint view and the r
   t.after(() => source.kill());
 
   await run('fio', [
-    '--name=e2e', '--ioengine=nbd', `--uri=${source.nbd}/disk0`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
+    '--name=e2e', '--ioengine=nbd', '--thread', `--uri=${source.nbd}/disk0`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
     `--size=${32 * MiB}`, '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', `--randseed=${seed}`, '--verify_state_save=0',
   ], { timeoutMs: peerMsMax, cwd: dir });
   await run('fio', [
-    '--name=e2e-seq', '--ioengine=nbd', `--uri=${source.nbd}/disk0`, '--rw=write', '--bs=1m', '--iodepth=4', `--offset=${48 * MiB}`,
+    '--name=e2e-seq', '--ioengine=nbd', '--thread', `--uri=${source.nbd}/disk0`, '--rw=write', '--bs=1m', '--iodepth=4', `--offset=${48 * MiB}`,
     `--size=${8 * MiB}`, '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', `--randseed=${seed + 1}`, '--verify_state_save=0',
   ], { timeoutMs: peerMsMax, cwd: dir });
 

@@ -249,7 +249,11 @@ class Writer {
     await this.loop;
   }
 
-  /** A run against a source that is no longer running can only fail (or spin, for fio): end it now. */
+  /**
+   * A run against a source that is no longer running can only fail (or spin, for fio): end it now.
+   * fio runs with --thread: its job processes would otherwise start sessions of their own and
+   * outlive a kill of the fio we started.
+   */
   private abortIfSourceGone(): void {
     const source = this.rig.source.process;
     if (source.exitCode !== null || source.signalCode !== null) this.abort.abort();
@@ -286,7 +290,7 @@ class Writer {
     const offset = this.area();
     const seed = Math.floor(this.rig.random() * 0x7fffffff);
     return run('fio', [
-      '--name=faults', '--ioengine=nbd', `--uri=${this.rig.source.nbd}/disk0`, '--rw=randwrite', '--bs=4k', '--iodepth=8', `--offset=${offset}`, `--size=${4 * MiB}`,
+      '--name=faults', '--ioengine=nbd', '--thread', `--uri=${this.rig.source.nbd}/disk0`, '--rw=randwrite', '--bs=4k', '--iodepth=8', `--offset=${offset}`, `--size=${4 * MiB}`,
       '--rate_iops=2000', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', `--randseed=${seed}`, '--verify_state_save=0',
     ], { timeoutMs: 60_000, cwd: this.rig.dir, signal: this.abort.signal });
   }
@@ -582,7 +586,7 @@ test('queue overflow during a resync, then SIGKILL of the source: the regions of
     await drained(rig, 'initial sync', 60_000);
     // fio fills its buffers with random bytes: the resyncs below cannot be compressed away.
     const fioWrite = (offset: number, sizeBytes: number, blockBytes: number): Promise<unknown> =>
-      run('fio', ['--name=overflow', '--ioengine=nbd', `--uri=${rig.source.nbd}/disk0`, '--rw=write', `--bs=${blockBytes}`, '--iodepth=1', `--offset=${offset}`, `--size=${sizeBytes}`, `--randseed=${rig.seed}`], {
+      run('fio', ['--name=overflow', '--ioengine=nbd', '--thread', `--uri=${rig.source.nbd}/disk0`, '--rw=write', `--bs=${blockBytes}`, '--iodepth=1', `--offset=${offset}`, `--size=${sizeBytes}`, `--randseed=${rig.seed}`], {
         timeoutMs: 60_000,
         cwd: rig.dir,
       });
