@@ -161,6 +161,16 @@ export class ControlApi {
       }
       case 'POST /groups/:group/release':
         return { group: needSource().name, released: needSource().release() };
+      case 'POST /groups/:group/sync': {
+        const group = needSource();
+        const body = (await readBody(request)) as Record<string, unknown>;
+        if (body['mode'] !== 'delta') throw new ApiError(400, 'bad-request', `'mode' must be 'delta' (compare every block with the target by checksum and ship the ones that differ)`);
+        try {
+          return { group: group.name, sync: group.requestDeltaSync('requested through the control API') };
+        } catch (error) {
+          throw new ApiError(409, 'cannot-sync', (error as Error).message);
+        }
+      }
       case 'POST /groups/:group/checkpoint': {
         const group = needSource();
         const body = (await readBody(request)) as Record<string, unknown>;

@@ -29,10 +29,11 @@ import type { Logger } from '../util/logger.js';
 import { readStateFile, writeStateFile } from '../util/state-file.js';
 import type { LinkConnector } from '../replication/link.js';
 import { TokenBucket } from '../replication/rate.js';
-import type { Scheduler } from '../replication/scheduler.js';
+import { sleep, type Scheduler } from '../replication/scheduler.js';
 import { Shipper, type ShipperStats } from '../replication/shipper.js';
 import { StreamQueue, type ByteRange } from '../replication/queue.js';
-import { DirtyGateStore, DirtyRegionLog } from '../replication/dirty-log.js';
+import { blockSumBytes, blockSums } from '../replication/wire.js';
+import { DirtyGateStore, DirtyLogDamagedError, DirtyRegionLog } from '../replication/dirty-log.js';
 import type { ProtectConfig } from './config.js';
 
 /** Largest write entry in the stream; a larger guest write is split (journal units must hold whole records). */
@@ -50,7 +51,12 @@ export const syncExtentsMax = 64;
 /** How long a quiesce may hold write completions at most, whatever the caller asks. */
 export const quiesceMsMax = 60_000;
 
-export type SyncState = 'initial-sync' | 'resync' | 'in-sync';
+export type SyncState = 'initial-sync' | 'resync' | 'delta-sync' | 'in-sync';
+
+/** Block size of delta sync: the source and the target compare one checksum per block. */
+export const deltaBlockBytes = 64 * 1024;
+/** Attempts at a piece's checksums (the link may be down) before the piece is shipped whole. */
+export const deltaSumsAttemptsMax = 40;
 
 export interface SyncProgress {
   state: SyncState;
@@ -64,6 +70,8 @@ export interface SyncProgress {
   /** Estimated time left, ms (undefined until a rate is known). */
   etaMs: number | undefined;
   startedMs: number | undefined;
+  /** Delta sync: bytes whose checksum matched the target's (not shipped), and bytes shipped. */
+  delta?: { bytesMatched: number; bytesShipped: number; piecesShippedWhole: number };
 }
 
 export interface SourceVolume {
@@ -185,6 +193,8 @@ export class SourceGroup {
   /** Ranges to resync that no sync has taken yet (failed writes, a queue in bitmap mode). */
   private resyncPending: { volume: number; offset: number; lengthBytes: number }[] = [];
   private resyncPendingReason: string | undefined;
+  /** Why the dirty-region log was found damaged at open (a delta sync of every volume is owed). */
+  private dirtyLogDamaged: string | undefined;
   /**
    * Source time of the oldest write the queue discarded (bitmap mode) whose resync has not been
    * acknowledged yet: the RPO counts it, since the target has no newer copy of that region.
@@ -267,12 +277,24 @@ export class SourceGroup {
     const stored = await readStateFile<SourceGroupState>(fileSystem, statePath);
     const state: SourceGroupState = stored ?? { version: 1, createdMs: options.scheduler.nowMs(), initialSyncDone: false };
     if (!stored) await writeStateFile(fileSystem, statePath, state);
-    const dirtyLog = await DirtyRegionLog.open({
+    const dirtyLogOptions = {
       fileSystem,
       directory: path.join(directory, 'dirty-log'),
       scheduler: options.scheduler,
       volumes: new Map(options.volumes.map((volume) => [volume.id, volume.file.sizeBytes])),
-    });
+    };
+    let dirtyLog: DirtyRegionLog;
+    let dirtyLogDamaged: string | undefined;
+    try {
+      dirtyLog = await DirtyRegionLog.open(dirtyLogOptions);
+    } catch (error) {
+      if (!(error instanceof DirtyLogDamagedError)) throw error;
+      // The regions the target may lack are unknown: start a new log and compare every block with
+      // the target (delta sync) instead of trusting the damaged one or shipping every block.
+      dirtyLogDamaged = error.message;
+      options.logger.warn('the dirty-region log is damaged; a delta sync of every volume follows', { group: options.config.group, error: error.message });
+      dirtyLog = await DirtyRegionLog.open({ ...dirtyLogOptions, discardExisting: true });
+    }
     const queue = await StreamQueue.open({
       name: options.config.group,
       fileSystem,
@@ -284,6 +306,7 @@ export class SourceGroup {
       clock: options.scheduler,
     });
     const group = new SourceGroup(options, queue, dirtyLog, state);
+    group.dirtyLogDamaged = dirtyLogDamaged;
     group.shipper.start();
     group.beginSyncIfNeeded();
     group.maintain();
@@ -406,6 +429,12 @@ export class SourceGroup {
       this.startSync('initial-sync', 'the group has not completed an initial sync', regions, true);
       return;
     }
+    if (this.dirtyLogDamaged !== undefined) {
+      const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
+      this.startSync('delta-sync', `the dirty-region log could not be trusted after a crash (${this.dirtyLogDamaged})`, regions, false);
+      this.dirtyLogDamaged = undefined;
+      return;
+    }
     const dirty = this.dirtyLog.dirtyRegions();
     if (dirty.length > 0) {
       this.startSync('resync', 'the dirty-region log holds regions the target never acknowledged (the appliance stopped without draining)', dirty, false);
@@ -416,6 +445,7 @@ export class SourceGroup {
     let bytesTotal = 0;
     for (const region of regions) bytesTotal += region.lengthBytes;
     this.sync = { state, reason, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, rateBytesPerSecond: 0, etaMs: undefined, startedMs: this.options.scheduler.nowMs() };
+    if (state === 'delta-sync') this.sync.delta = { bytesMatched: 0, bytesShipped: 0, piecesShippedWhole: 0 };
     this.options.logger.info('sync started', { group: this.name, state, reason, bytesTotal });
     this.syncActive = true;
     this.syncRunning = this.runSync(regions, initial)
@@ -444,6 +474,12 @@ export class SourceGroup {
         const lengthBytes = Math.min(this.syncPieceBytes, end - offset);
         while (this.queue.stats().queuedBytes > this.syncQueuedBytesMax && !this.stopping) await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
         if (this.stopping) break;
+        if (this.sync.state === 'delta-sync') {
+          await this.deltaPiece(tap, region.volume, offset, lengthBytes);
+          offset += lengthBytes;
+          this.noteSyncProgress(lengthBytes);
+          continue;
+        }
         // Ranges that read as zeroes need no read: a zero entry says the same in a few bytes. It is
         // pushed in the same turn as the extents were read, so a guest write that lands there later
         // comes after it in the stream (see readForSync for the ranges with data).
@@ -478,7 +514,7 @@ export class SourceGroup {
       if (initial) this.initialSyncEndSequence = end.sequence;
       if (this.resyncOldestTimeMs !== undefined && this.resyncPending.length === 0 && !this.resyncFollowUp) this.resyncOldestClearAt = end.sequence;
     }
-    this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal });
+    this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal, ...(this.sync.delta ? { delta: this.sync.delta } : {}) });
     this.sync = { ...this.sync, state: 'in-sync', bytesLeft: 0, etaMs: 0 };
   }
 
@@ -500,6 +536,67 @@ export class SourceGroup {
         // Not persisted: the next start syncs the whole volume again, which is safe.
         (error: unknown) => this.options.logger.error('cannot persist the end of the initial sync', { group: this.name, error: (error as Error).message }),
       );
+  }
+
+  /**
+   * Delta sync of one piece: the target's checksums of the piece as it holds it, then the source's
+   * content read after that answer; only the blocks that differ are read again through the tap
+   * (in stream order) and shipped. A block that matches needs nothing: the target holds it at a
+   * durable point, every entry after that point reaches it in order, and the source's content is
+   * that point's content with those same entries applied. Without an answer (the link is down for
+   * long) the piece is shipped whole.
+   */
+  private async deltaPiece(tap: Tap, volume: number, offset: number, lengthBytes: number): Promise<void> {
+    const delta = this.sync.delta!;
+    let sums: Buffer | undefined;
+    for (let attempt = 1; !this.stopping; attempt++) {
+      try {
+        sums = await this.shipper.requestSums({ volume, offset, lengthBytes, blockBytes: deltaBlockBytes });
+        break;
+      } catch (error) {
+        if (attempt >= deltaSumsAttemptsMax) {
+          this.options.logger.warn('delta sync: no checksums from the target; the piece is shipped whole', { group: this.name, volume, offset, lengthBytes, error: (error as Error).message });
+          break;
+        }
+        await sleep(this.options.scheduler, 250);
+      }
+    }
+    if (this.stopping) return;
+    if (!sums) {
+      delta.piecesShippedWhole++;
+      delta.bytesShipped += lengthBytes;
+      this.shipper.wake();
+      await tap.readForSync(offset, lengthBytes);
+      return;
+    }
+    const local = Buffer.allocUnsafe(lengthBytes);
+    await tap.read(local, offset);
+    const localSums = blockSums(local, deltaBlockBytes);
+    for (let at = 0; at < lengthBytes; at += deltaBlockBytes) {
+      const blockLength = Math.min(deltaBlockBytes, lengthBytes - at);
+      const sumAt = (at / deltaBlockBytes) * blockSumBytes;
+      if (localSums.compare(sums, sumAt, sumAt + blockSumBytes, sumAt, sumAt + blockSumBytes) === 0) {
+        delta.bytesMatched += blockLength;
+        continue;
+      }
+      delta.bytesShipped += blockLength;
+      this.shipper.wake();
+      await tap.readForSync(offset + at, blockLength);
+    }
+  }
+
+  /**
+   * Starts a delta sync of every volume (on demand, or when the dirty-region log cannot be
+   * trusted). Refused while another sync runs or waits, and before the initial sync is done.
+   */
+  requestDeltaSync(reason: string): SyncProgress {
+    if (!this.state.initialSyncDone) throw new Error(`group '${this.name}' has not completed its initial sync; that sync ships every block anyway`);
+    if (this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync') {
+      throw new Error(`group '${this.name}' is in ${this.syncStatus().state} (${this.syncStatus().reason ?? 'no reason given'}); a delta sync can start once it is in sync`);
+    }
+    const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
+    this.startSync('delta-sync', reason, regions, false);
+    return this.syncStatus();
   }
 
   private noteSyncProgress(bytes: number): void {

@@ -14,12 +14,13 @@ import { Journal, type AppendRecord, type JournalStatus } from '../journal/journ
 import type { JournalFileSystem } from '../journal/file-system.js';
 import { JournalPool } from '../journal/pool.js';
 import type { CheckpointMarker } from '../journal/record.js';
+import type { RecoveryView } from '../journal/view.js';
 import { FileBackingStore, type BackingStore } from '../tap/backing-store.js';
 import type { Clock } from '../tap/tap.js';
 import type { Logger } from '../util/logger.js';
 import { readStateFile, writeStateFile } from '../util/state-file.js';
 import type { ReceiverStream } from '../replication/receiver.js';
-import type { Hello, Refuse, StreamEntry } from '../replication/wire.js';
+import { blockSums, type Hello, type Refuse, type StreamEntry } from '../replication/wire.js';
 import type { ReceiveGroupConfig } from './config.js';
 
 /** Journal stream ids are 16-bit (see journal.ts); 0 is not used. */
@@ -185,11 +186,16 @@ export class TargetGroup {
     const sequenceDurable = streamRecord.sequenceBase + (this.journal.status().streams.find((entry) => entry.stream === journalStream)?.sequenceLast ?? 0);
     this.connected.add(journalStream);
     const group = this;
+    const sums = new SumsReader(this.journal, streamRecord.volumes, this.name, this.options.clock);
     return {
       stream: {
         sequenceDurable,
         append: (entries) => group.append(streamRecord, entries),
-        release: () => group.connected.delete(journalStream),
+        sums: (volume, offset, lengthBytes, blockBytes) => sums.sums(volume, offset, lengthBytes, blockBytes),
+        release: () => {
+          group.connected.delete(journalStream);
+          void sums.close();
+        },
       },
     };
   }
@@ -285,5 +291,88 @@ export class TargetGroup {
   async close(): Promise<void> {
     await this.journal.close();
     for (const replica of this.replicas.values()) await replica.close();
+  }
+}
+
+/** How long one recovery view serves the checksum requests of a delta sync before a newer one is opened. */
+export const sumsViewAgeMsMax = 10_000;
+/** A view no request used for this long is closed: an open view holds back promotion. */
+export const sumsViewIdleMsMax = 1_000;
+
+/**
+ * Answers a session's checksum requests from a recovery view at the newest durable point (the
+ * replica with every durable journal record over it). Any durable point will do: the stream's
+ * entries after it are applied after it, and the source reads its side only once it has the answer.
+ * One view serves requests for up to `sumsViewAgeMsMax`, so that a delta sync does not build an
+ * index per request nor hold the journal's units for long.
+ */
+class SumsReader {
+  private current: { volume: number; view: RecoveryView; openedMs: number } | undefined;
+  private turn: Promise<unknown> = Promise.resolve();
+  private idleTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(
+    private readonly journal: Journal,
+    private readonly volumes: Record<string, number>,
+    private readonly group: string,
+    private readonly clock: Clock,
+  ) {}
+
+  sums(volume: number, offset: number, lengthBytes: number, blockBytes: number): Promise<Buffer> {
+    clearTimeout(this.idleTimer);
+    const run = this.turn.then(() => this.sumsNow(volume, offset, lengthBytes, blockBytes));
+    this.turn = run.catch(() => undefined).then(() => {
+      clearTimeout(this.idleTimer);
+      this.idleTimer = setTimeout(() => {
+        this.turn = this.turn.then(() => this.drop());
+      }, sumsViewIdleMsMax);
+      this.idleTimer.unref();
+    });
+    return run;
+  }
+
+  private async sumsNow(volume: number, offset: number, lengthBytes: number, blockBytes: number): Promise<Buffer> {
+    if (this.closed) throw new Error('the session has ended');
+    const index = this.volumes[String(volume)];
+    if (index === undefined) throw new Error(`volume ${volume} is not part of this stream of group '${this.group}'`);
+    for (let attempt = 0; ; attempt++) {
+      const view = await this.viewOf(index);
+      if (!(Number.isSafeInteger(offset) && offset >= 0 && offset + lengthBytes <= view.sizeBytes)) {
+        throw new Error(`${lengthBytes} bytes at ${offset} are not inside volume ${volume} of ${view.sizeBytes} bytes`);
+      }
+      const data = Buffer.allocUnsafe(lengthBytes);
+      try {
+        await view.read(data, offset);
+        return blockSums(data, blockBytes);
+      } catch (error) {
+        // The journal may have invalidated the view (hard limit): once more with a new one.
+        await this.drop();
+        if (attempt > 0) throw error;
+      }
+    }
+  }
+
+  private async viewOf(index: number): Promise<RecoveryView> {
+    const current = this.current;
+    if (current && current.volume === index && this.clock.nowMs() - current.openedMs < sumsViewAgeMsMax) return current.view;
+    await this.drop();
+    // The latest valid time: the view holds every durable record.
+    const view = await this.journal.openView({ volume: index, at: { timeMs: 8.64e15 }, scratchBytesMax: 0 });
+    this.current = { volume: index, view, openedMs: this.clock.nowMs() };
+    return view;
+  }
+
+  private async drop(): Promise<void> {
+    const current = this.current;
+    this.current = undefined;
+    await current?.view.close().catch(() => undefined);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    clearTimeout(this.idleTimer);
+    await this.turn;
+    await this.drop();
   }
 }

@@ -20,6 +20,8 @@ import {
   decodeBatchBody,
   decodeBatchHeader,
   decodeHello,
+  decodeSumsRequest,
+  encodeSums,
   encodeAck,
   encodeJson,
   protocolVersion,
@@ -44,6 +46,12 @@ export interface ReceiverStream {
    * before it returns, resolves calls in that order, and rejects every later call once one failed.
    */
   append(entries: StreamEntry[]): Promise<void>;
+  /**
+   * The checksums (`blockSums`) of a range of a volume (its id in the HELLO) as the target holds it
+   * at some durable point of this stream: every entry of the stream after that point is still to be
+   * applied. Used by delta sync.
+   */
+  sums(volume: number, offset: number, lengthBytes: number, blockBytes: number): Promise<Buffer>;
   /** The session using the stream is over. */
   release(): void;
 }
@@ -72,7 +80,7 @@ export class Receiver {
   private readonly links = new Set<FrameLink>();
   private readonly logger: Logger;
   private closed = false;
-  readonly counters = { links: 0, batches: 0, entries: 0, duplicatesSkipped: 0, rawBytes: 0, wireBytes: 0, protocolErrors: 0 };
+  readonly counters = { links: 0, batches: 0, entries: 0, duplicatesSkipped: 0, rawBytes: 0, wireBytes: 0, protocolErrors: 0, sumsRequests: 0 };
 
   constructor(private readonly options: ReceiverOptions) {
     this.logger = options.logger ?? silentLogger;
@@ -197,6 +205,9 @@ class ReceiverSession {
       case 'ping':
         this.link.send('pong', frame.payload);
         return;
+      case 'sumsRequest':
+        this.onSumsRequest(frame);
+        return;
       case 'pong':
         return;
       default:
@@ -290,6 +301,21 @@ class ReceiverSession {
       this.acks.catch((error: unknown) => this.fail(error));
     });
     this.chain.catch((error: unknown) => this.fail(error));
+  }
+
+  private onSumsRequest(frame: Frame): void {
+    const request = decodeSumsRequest(frame);
+    const stream = this.stream;
+    if (!stream) throw new WireProtocolError('a checksum request on a stream that was not opened');
+    this.receiver.counters.sumsRequests++;
+    stream.sums(request.volume, request.offset, request.lengthBytes, request.blockBytes).then(
+      (sums) => {
+        if (!this.ended) this.link.send('sums', encodeSums({ requestId: request.requestId, sums }));
+      },
+      (error: unknown) => {
+        if (!this.ended) this.link.send('sums', encodeSums({ requestId: request.requestId, error: error instanceof Error ? error.message : String(error) }));
+      },
+    );
   }
 
   private refuse(refuse: Refuse): void {

@@ -22,7 +22,9 @@ import { sleep, type Scheduler, type Timer } from './scheduler.js';
 import {
   decodeAck,
   decodeRefuse,
+  decodeSums,
   decodeWelcome,
+  encodeSumsRequest,
   encodeBatchBody,
   encodeBatchHeader,
   encodeJson,
@@ -33,6 +35,7 @@ import {
   type Hello,
   type Refuse,
   type StreamEntry,
+  type SumsRequest,
   type WireCodecName,
 } from './wire.js';
 
@@ -125,6 +128,9 @@ export class Shipper {
   private stateNow: ShipperState = 'idle';
   private reason: string | undefined;
   private link: FrameLink | undefined;
+  /** Checksum requests of the current session waiting for their answer. */
+  private readonly sumsPending = new Map<number, { resolve: (sums: Buffer) => void; reject: (error: Error) => void }>();
+  private sumsRequestIdLast = 0;
   private stopped = false;
   private running: Promise<void> | undefined;
   private sequenceSent = 0;
@@ -173,6 +179,20 @@ export class Shipper {
   start(): void {
     if (this.running) return;
     this.running = this.run();
+  }
+
+  /**
+   * Asks the target for the checksums of a range of a volume as it holds it now (delta sync).
+   * Rejects when no session is streaming, or when the session ends before the answer.
+   */
+  requestSums(request: Omit<SumsRequest, 'requestId'>): Promise<Buffer> {
+    const link = this.link;
+    if (!link || this.stateNow !== 'streaming') return Promise.reject(new Error(`no replication session is streaming (${this.stateNow})`));
+    const requestId = (this.sumsRequestIdLast = (this.sumsRequestIdLast + 1) >>> 0);
+    return new Promise((resolve, reject) => {
+      this.sumsPending.set(requestId, { resolve, reject });
+      link.send('sumsRequest', encodeSumsRequest({ ...request, requestId }));
+    });
   }
 
   /** New entries are in the queue. */
@@ -248,6 +268,8 @@ export class Shipper {
         this.wakeSession = undefined;
         this.inFlight.length = 0;
         this.bytesUnacknowledged = 0;
+        for (const pending of this.sumsPending.values()) pending.reject(new Error(`the replication session ended (${outcome.reason})`));
+        this.sumsPending.clear();
         link.close();
         resolve({ streamed, ...outcome });
       };
@@ -279,6 +301,13 @@ export class Shipper {
               finish({ refused: decodeRefuse(frame), reason: 'refused' });
             } else if (frame.type === 'ack' && streamed) {
               this.onAck(frame);
+            } else if (frame.type === 'sums' && streamed) {
+              const reply = decodeSums(frame);
+              const pending = this.sumsPending.get(reply.requestId);
+              if (!pending) throw new SessionEnded(`an answer to checksum request ${reply.requestId}, which this session did not send`);
+              this.sumsPending.delete(reply.requestId);
+              if ('error' in reply) pending.reject(new Error(`the target has no checksums: ${reply.error}`));
+              else pending.resolve(Buffer.from(reply.sums));
             } else if (frame.type === 'pong' || frame.type === 'ping') {
               if (frame.type === 'ping') link.send('pong', frame.payload);
             } else {

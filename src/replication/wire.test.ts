@@ -3,7 +3,13 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { testSeed } from '../../test/helpers.js';
 import {
+  blockSumBytes,
+  blockSums,
   decodeAck,
+  decodeSums,
+  decodeSumsRequest,
+  encodeSums,
+  encodeSumsRequest,
   decodeBatchBody,
   decodeBatchHeader,
   decodeHello,
@@ -108,4 +114,30 @@ test('HELLO and ACK decode what was encoded and refuse malformed fields', () => 
   assert.throws(() => decodeHello({ type: 'hello', payload: encodeJson({ ...hello, sequenceBase: -1 }) }), /'sequenceBase'/);
   assert.deepEqual(decodeAck({ type: 'ack', payload: encodeAck({ sequenceDurable: 2 ** 40 + 3, timeMsDurable: 1234.5 }) }), { sequenceDurable: 2 ** 40 + 3, timeMsDurable: 1234.5 });
   assert.throws(() => decodeAck({ type: 'ack', payload: Buffer.alloc(15) }), /not 16/);
+});
+
+test('checksum requests and answers decode what was encoded; block checksums see a change of one byte anywhere in a block', () => {
+  const request = { requestId: 7, volume: 3, offset: 2 ** 33 + 65536, lengthBytes: 1 << 20, blockBytes: 65536 };
+  assert.deepEqual(decodeSumsRequest({ type: 'sumsRequest', payload: encodeSumsRequest(request) }), request);
+  assert.throws(() => decodeSumsRequest({ type: 'sumsRequest', payload: encodeSumsRequest({ ...request, blockBytes: 1000 }) }), /multiple of 512/);
+  assert.throws(() => decodeSumsRequest({ type: 'sumsRequest', payload: encodeSumsRequest({ ...request, lengthBytes: 4097 * 512, blockBytes: 512 }) }), /at most 4096 blocks/);
+  assert.throws(() => decodeSumsRequest({ type: 'sumsRequest', payload: Buffer.alloc(27) }), /not 28/);
+
+  const data = Buffer.alloc(3 * 4096 + 100, 0x5a);
+  const sums = blockSums(data, 4096);
+  assert.equal(sums.length, 4 * blockSumBytes, 'the last, shorter block has a checksum too');
+  const joined = (reply: ReturnType<typeof encodeSums>): Buffer => Buffer.concat(reply);
+  assert.deepEqual(decodeSums({ type: 'sums', payload: joined(encodeSums({ requestId: 9, sums })) }), { requestId: 9, sums });
+  assert.deepEqual(decodeSums({ type: 'sums', payload: joined(encodeSums({ requestId: 9, error: 'no view' })) }), { requestId: 9, error: 'no view' });
+  assert.throws(() => decodeSums({ type: 'sums', payload: joined(encodeSums({ requestId: 9, sums })).subarray(0, 9 + 20) }), /says 4 checksums/);
+  for (const at of [0, 4095, 4096, 2 * 4096 + 17, data.length - 1]) {
+    const changed = Buffer.from(data);
+    changed[at] ^= 1;
+    const other = blockSums(changed, 4096);
+    const block = Math.floor(at / 4096);
+    for (let index = 0; index < 4; index++) {
+      const same = other.subarray(index * blockSumBytes, (index + 1) * blockSumBytes).equals(sums.subarray(index * blockSumBytes, (index + 1) * blockSumBytes));
+      assert.equal(same, index !== block, `byte ${at} changed: block ${index} ${same ? 'matches' : 'differs'}`);
+    }
+  }
 });

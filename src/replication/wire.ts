@@ -21,11 +21,12 @@
  * checks every length against the frame before reading, and throws a
  * `WireProtocolError` instead of reading out of bounds.
  */
+import * as crypto from 'node:crypto';
 import { native } from '../native/index.js';
 
 export const frameMagic = 0x5052_4c4c; // 'LLRP' little-endian
 export const frameHeaderBytes = 16;
-export const protocolVersion = 1;
+export const protocolVersion = 2;
 /** Largest payload a frame may carry; a batch is bounded well below it (batchBytesMax). */
 export const framePayloadBytesMax = 64 * 1024 * 1024;
 /** Largest JSON payload (HELLO, WELCOME, REFUSE). */
@@ -45,6 +46,8 @@ export const FrameType = {
   ack: 5,
   ping: 6,
   pong: 7,
+  sumsRequest: 8,
+  sums: 9,
 } as const;
 export type FrameTypeName = keyof typeof FrameType;
 const frameTypeNames = new Map<number, FrameTypeName>(Object.entries(FrameType).map(([name, value]) => [value, name as FrameTypeName]));
@@ -311,6 +314,85 @@ export function encodePing(timeMs: number): Buffer {
 export function decodePing(frame: Frame): number {
   if (frame.payload.length !== 8) throw new WireProtocolError(`a ${frame.type} frame has ${frame.payload.length} bytes, not 8`);
   return frame.payload.readDoubleLE(0);
+}
+
+// ---------------------------------------------------------------- block checksums (delta sync)
+
+/** Bytes of one block checksum (SHA-256, first 16 bytes). */
+export const blockSumBytes = 16;
+/** Blocks one request may ask for. */
+export const sumsBlocksMax = 4096;
+
+/** The source asks for the checksums of a range of a volume as the target holds it now. */
+export interface SumsRequest {
+  requestId: number;
+  /** The volume's id in the HELLO. */
+  volume: number;
+  offset: number;
+  lengthBytes: number;
+  /** Block size; the last block may be shorter. */
+  blockBytes: number;
+}
+
+export function encodeSumsRequest(request: SumsRequest): Buffer {
+  const payload = Buffer.alloc(28);
+  payload.writeUInt32LE(request.requestId, 0);
+  payload.writeUInt32LE(request.volume, 4);
+  writeU64(payload, request.offset, 8);
+  writeU64(payload, request.lengthBytes, 16);
+  payload.writeUInt32LE(request.blockBytes, 24);
+  return payload;
+}
+
+export function decodeSumsRequest(frame: Frame): SumsRequest {
+  if (frame.payload.length !== 28) throw new WireProtocolError(`a sums request has ${frame.payload.length} bytes, not 28`);
+  const request = { requestId: frame.payload.readUInt32LE(0), volume: frame.payload.readUInt32LE(4), offset: readU64(frame.payload, 8), lengthBytes: readU64(frame.payload, 16), blockBytes: frame.payload.readUInt32LE(24) };
+  if (!(request.blockBytes >= 512 && request.blockBytes % 512 === 0)) throw new WireProtocolError(`a sums request asks for blocks of ${request.blockBytes} bytes (a multiple of 512 is needed)`);
+  if (!(request.lengthBytes > 0 && Math.ceil(request.lengthBytes / request.blockBytes) <= sumsBlocksMax)) throw new WireProtocolError(`a sums request asks for ${request.lengthBytes} bytes in blocks of ${request.blockBytes} (at most ${sumsBlocksMax} blocks)`);
+  return request;
+}
+
+/** The target's answer: one checksum per block, or why it has none. */
+export type Sums = { requestId: number; sums: Buffer } | { requestId: number; error: string };
+
+export function encodeSums(reply: Sums): Buffer[] {
+  const head = Buffer.alloc(9);
+  head.writeUInt32LE(reply.requestId, 0);
+  if ('error' in reply) {
+    head.writeUInt8(1, 4);
+    const text = Buffer.from(reply.error.slice(0, 2000), 'utf8');
+    head.writeUInt32LE(text.length, 5);
+    return [head, text];
+  }
+  head.writeUInt8(0, 4);
+  head.writeUInt32LE(reply.sums.length / blockSumBytes, 5);
+  return [head, reply.sums];
+}
+
+export function decodeSums(frame: Frame): Sums {
+  const payload = frame.payload;
+  if (payload.length < 9) throw new WireProtocolError(`a sums frame has ${payload.length} bytes, fewer than 9`);
+  const requestId = payload.readUInt32LE(0);
+  const failed = payload.readUInt8(4);
+  const count = payload.readUInt32LE(5);
+  if (failed === 1) {
+    if (payload.length !== 9 + count) throw new WireProtocolError(`a sums frame says its error has ${count} bytes but carries ${payload.length - 9}`);
+    return { requestId, error: payload.toString('utf8', 9) };
+  }
+  if (failed !== 0) throw new WireProtocolError(`a sums frame has status ${failed}`);
+  if (count > sumsBlocksMax || payload.length !== 9 + count * blockSumBytes) throw new WireProtocolError(`a sums frame says ${count} checksums but carries ${payload.length - 9} bytes`);
+  return { requestId, sums: payload.subarray(9) };
+}
+
+/** The checksums of `data` in blocks of `blockBytes` (the last may be shorter), one after another. */
+export function blockSums(data: Buffer, blockBytes: number): Buffer {
+  const count = Math.ceil(data.length / blockBytes);
+  const sums = Buffer.allocUnsafe(count * blockSumBytes);
+  for (let block = 0; block < count; block++) {
+    const digest = crypto.createHash('sha256').update(data.subarray(block * blockBytes, Math.min(data.length, (block + 1) * blockBytes))).digest();
+    digest.copy(sums, block * blockSumBytes, 0, blockSumBytes);
+  }
+  return sums;
 }
 
 // ---------------------------------------------------------------- batches
