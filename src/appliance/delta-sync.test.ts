@@ -158,3 +158,26 @@ test('delta sync on demand while fio writes, after the replica was damaged behin
   assert.equal(delta.piecesShippedWhole, 0);
   await replicaEqualsSource(pair, 'after the delta sync');
 });
+
+test('delta sync with the target down: pieces without checksums are shipped whole, and once the target is back the replica equals the source', async (t) => {
+  const pair = await startPair(t, 'delta-target-down');
+  await drained(pair, 'initial sync');
+  await pair.target.stop();
+  const changed = scribbleBlocks(pair.sites.sourceVolumePath, 3, prng(pair.seed));
+  console.log(`# seed ${pair.seed}: changed blocks behind the tap ${changed.join(', ')}`);
+  await pair.source.api('POST', '/v1/groups/pg1/sync', { mode: 'delta' });
+  // Nothing can be compared: after the first piece's attempts every piece is shipped whole.
+  await waitFor('the delta sync to read the whole volume', 60_000, async () => {
+    const status = (pair.last.source = await pair.source.api<SourceGroupStatus>('GET', '/v1/groups/pg1'));
+    return status.sync.bytesLeft === 0 ? status : undefined;
+  });
+  pair.target = await startAppliance({ dataDir: pair.sites.targetDataDir, configPath: pair.sites.targetConfigPath });
+  const status = await drained(pair, 'after the target came back');
+  assert.equal(status.sync.state, 'in-sync');
+  const delta = status.sync.delta!;
+  assert.equal(delta.bytesMatched, 0, `nothing was matched: ${JSON.stringify(delta)}`);
+  assert.equal(delta.bytesShipped, volumeBytes, 'every byte was shipped');
+  assert.ok(delta.piecesShippedWhole > 1, `pieces were shipped whole: ${JSON.stringify(delta)}`);
+  assert.match(pair.source.logs(), /"message":"delta sync: no checksums from the target; the piece is shipped whole"/);
+  await replicaEqualsSource(pair, 'after the target came back');
+});

@@ -193,6 +193,8 @@ export class SourceGroup {
   /** Ranges to resync that no sync has taken yet (failed writes, a queue in bitmap mode). */
   private resyncPending: { volume: number; offset: number; lengthBytes: number }[] = [];
   private resyncPendingReason: string | undefined;
+  /** Whether the last checksum request of a delta sync was answered. */
+  private deltaAnswered = true;
   /** Why the dirty-region log was found damaged at open (a delta sync of every volume is owed). */
   private dirtyLogDamaged: string | undefined;
   /**
@@ -549,12 +551,16 @@ export class SourceGroup {
   private async deltaPiece(tap: Tap, volume: number, offset: number, lengthBytes: number): Promise<void> {
     const delta = this.sync.delta!;
     let sums: Buffer | undefined;
+    // After a piece went unanswered, the next ones ask once each until an answer comes again.
+    const attemptsMax = delta.piecesShippedWhole > 0 && !this.deltaAnswered ? 1 : deltaSumsAttemptsMax;
     for (let attempt = 1; !this.stopping; attempt++) {
       try {
         sums = await this.shipper.requestSums({ volume, offset, lengthBytes, blockBytes: deltaBlockBytes });
+        this.deltaAnswered = true;
         break;
       } catch (error) {
-        if (attempt >= deltaSumsAttemptsMax) {
+        this.deltaAnswered = false;
+        if (attempt >= attemptsMax) {
           this.options.logger.warn('delta sync: no checksums from the target; the piece is shipped whole', { group: this.name, volume, offset, lengthBytes, error: (error as Error).message });
           break;
         }
