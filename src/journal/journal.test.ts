@@ -4,7 +4,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { makeTempDir } from '../../test/helpers.js';
 import { SimulatedDisk } from './sim-disk.js';
-import { closeTestJournal, createReplicas, ManualClock, openTestJournal, settle, type TestJournalConfig } from './testing.js';
+import { closeTestJournal, createReplicas, ManualClock, modelVolumes, openTestJournal, readVolume, settle, type TestJournalConfig } from './testing.js';
+import type { AppendRecord } from './journal.js';
 import { DatastoreFullError, DuplicateSequenceError, InvalidRecordError, JournalDamagedError, JournalFailedError, RecoveryPointUnavailableError, SequenceGapError } from './errors.js';
 import { Journal, type JournalAlertCondition, type JournalEvent } from './journal.js';
 import { JournalFileBackingStore } from './file-store.js';
@@ -235,6 +236,36 @@ test('once promote() resolves its watermark is durable: a crash then does not re
   assert.equal(reopened.journal.openReport.promotionResumed, false);
   assert.equal(reopened.journal.watermarkLsn, 2);
   await closeTestJournal(reopened);
+  await closeTestJournal(opened);
+});
+
+test('promotion reads runs of records across units and skips a record a later one of its step replaces exactly; the replica equals the model', async () => {
+  const { opened, config } = await fixture({ sizeLimitBytes: 1 << 22 });
+  const { journal, replicas } = opened;
+  const at = (sequence: number, offset: number, lengthBytes = 512) => ({ stream: 0, sequence, timeMs: 1, volume: 1, offset, lengthBytes });
+  const records: AppendRecord[] = [
+    write(0, 1, 0, 1),
+    write(0, 2, 512, 2),
+    { ...at(3, 0), kind: 'zero' }, // replaces 1
+    write(0, 4, 0, 4), // replaces 3
+    { ...write(0, 5, 256, 5) }, // overlaps 4 and 2 partly: applied
+    { ...at(6, 512), kind: 'trim' }, // replaces 2
+    write(0, 7, 512, 7), // replaces 6
+  ];
+  // Enough further records to fill several 16 KiB units (28 records of 576 bytes each).
+  for (let sequence = 8; sequence <= 100; sequence++) records.push(write(0, sequence, 512 * (2 + (sequence % 100)), sequence));
+  for (const record of records) await journal.append([record]);
+  const replica = replicas.get(1)!;
+  let writesApplied = 0;
+  const writeOriginal = replica.write.bind(replica);
+  replica.write = (data: Buffer, offset: number) => {
+    writesApplied++;
+    return writeOriginal(data, offset);
+  };
+  await journal.promote(records.length, { forced: false });
+  const writes = records.filter((record) => record.kind === 'write').length;
+  assert.equal(writesApplied, writes - 2, 'writes 1 and 2 were replaced within the step');
+  assert.deepEqual(await readVolume(replica, 65536), modelVolumes(config.volumes, records).get(1));
   await closeTestJournal(opened);
 });
 

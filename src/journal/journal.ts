@@ -26,7 +26,7 @@ import {
 import type { JournalFile, JournalFileSystem } from './file-system.js';
 import { readMetadata, writeMetadata, type JournalMetadata } from './metadata.js';
 import type { JournalPool, PoolUnit } from './pool.js';
-import { RecordIndex } from './record-index.js';
+import { RecordIndex, type IndexEntry } from './record-index.js';
 import {
   decodeHeader,
   decodeMarker,
@@ -46,6 +46,8 @@ export const streamIdMax = 0xffff;
 export const volumeIdMax = 0xffff;
 /** Records promoted per metadata step (each step is restartable on its own). */
 export const promoteStepRecordsMax = 4096;
+/** Promotion reads records that lie one after another in a unit with one pread of at most this (a larger record alone). */
+export const promoteReadBytesMax = 4 * 1024 * 1024;
 /** Fractions of the configured history under which the history alerts are raised. */
 export const historyWarningRatio = 0.85;
 export const historyErrorRatio = 0.75;
@@ -835,29 +837,55 @@ export class Journal {
     await this.releaseUnits();
   }
 
-  /** Applies records (watermark, end] to the replicas, flushes them and moves the watermark (in memory). */
+  /**
+   * Applies records (watermark, end] to the replicas, flushes them and moves the watermark (in memory).
+   * Records that lie one after another in a unit are read with one pread of up to
+   * `promoteReadBytesMax`; a write, zero or trim that a later record of the step replaces exactly
+   * (same volume, offset and length) is not applied, as the later one decides the range.
+   */
   private async promoteStep(end: number, forced: boolean): Promise<void> {
     const meta = this.meta;
     const touched = new Set<BackingStore>();
-    for (let lsn = meta.watermarkLsn + 1; lsn <= end; lsn++) {
-      if (!this.index.has(lsn)) throw new JournalDamagedError(this.name, `record ${lsn} to promote is not in the journal`);
-      const entry = this.index.get(lsn);
-      const replica = this.replicas.get(entry.volume);
-      if (entry.kind !== RecordKind.checkpoint) {
-        if (!replica) throw new JournalDamagedError(this.name, `record ${lsn} is for volume ${entry.volume}, which has no replica`);
-        touched.add(replica);
-        if (entry.kind === RecordKind.write) {
-          const data = Buffer.allocUnsafe(entry.lengthBytes);
-          await this.readRecordData(entry.unit, entry.position, 0, data);
-          await replica.write(data, entry.offset);
-        } else if (entry.kind === RecordKind.zero) {
-          await replica.writeZeroes(entry.offset, entry.lengthBytes, { mayDeallocate: false, fastOnly: false });
-        } else {
-          await replica.trim(entry.offset, entry.lengthBytes);
+    const replacedLsns = this.replacedWithinStep(meta.watermarkLsn + 1, end);
+    let lsn = meta.watermarkLsn + 1;
+    while (lsn <= end) {
+      const run: IndexEntry[] = [];
+      let runUnit = 0;
+      let runStart = 0;
+      let runEnd = 0;
+      let runHasData = false;
+      for (; lsn <= end; lsn++) {
+        if (!this.index.has(lsn)) throw new JournalDamagedError(this.name, `record ${lsn} to promote is not in the journal`);
+        const entry = this.index.get(lsn);
+        const size = recordHeaderBytes + recordDataBytes(entry.kind, entry.lengthBytes);
+        if (run.length > 0 && (entry.unit !== runUnit || entry.position !== runEnd || runEnd + size - runStart > promoteReadBytesMax)) break;
+        if (run.length === 0) {
+          runUnit = entry.unit;
+          runStart = runEnd = entry.position;
         }
+        run.push(entry);
+        runEnd += size;
+        if (entry.kind === RecordKind.write && !replacedLsns.has(lsn)) runHasData = true;
       }
-      meta.streamsPromoted[entry.stream] = entry.sequence;
-      meta.promotedTimeMsMax = Math.max(meta.promotedTimeMsMax, entry.timeMs);
+      const records = runHasData ? Buffer.allocUnsafe(runEnd - runStart) : undefined;
+      if (records) await this.readUnitBytes(runUnit, runStart, records);
+      for (const entry of run) {
+        const replica = this.replicas.get(entry.volume);
+        if (entry.kind !== RecordKind.checkpoint && !replacedLsns.has(entry.lsn)) {
+          if (!replica) throw new JournalDamagedError(this.name, `record ${entry.lsn} is for volume ${entry.volume}, which has no replica`);
+          touched.add(replica);
+          if (entry.kind === RecordKind.write) {
+            const dataAt = entry.position - runStart + recordHeaderBytes;
+            await replica.write(records!.subarray(dataAt, dataAt + entry.lengthBytes), entry.offset);
+          } else if (entry.kind === RecordKind.zero) {
+            await replica.writeZeroes(entry.offset, entry.lengthBytes, { mayDeallocate: false, fastOnly: false });
+          } else {
+            await replica.trim(entry.offset, entry.lengthBytes);
+          }
+        }
+        meta.streamsPromoted[entry.stream] = entry.sequence;
+        meta.promotedTimeMsMax = Math.max(meta.promotedTimeMsMax, entry.timeMs);
+      }
     }
     for (const replica of touched) await replica.flush();
     meta.watermarkLsn = end;
@@ -884,6 +912,29 @@ export class Journal {
       await this.pool.giveBack(this.name, unit, this.unitBytes);
       this.emit({ type: 'unit-released', unit: unit.number, datastore: unit.datastore });
     }
+  }
+
+  /** Lsns in [first, last] whose write, zero or trim a later record in the range replaces exactly. */
+  private replacedWithinStep(first: number, last: number): Set<number> {
+    const replaced = new Set<number>();
+    const latest = new Map<string, number>();
+    for (let lsn = last; lsn >= first; lsn--) {
+      if (!this.index.has(lsn)) continue; // promoteStep reports the gap
+      const entry = this.index.get(lsn);
+      if (entry.kind === RecordKind.checkpoint) continue;
+      const key = `${entry.volume}:${entry.offset}:${entry.lengthBytes}`;
+      if (latest.has(key)) replaced.add(lsn);
+      else latest.set(key, lsn);
+    }
+    return replaced;
+  }
+
+  /** Reads `target.length` bytes of a unit from `position` (whole records, headers included). */
+  private async readUnitBytes(unitNumber: number, position: number, target: Buffer): Promise<void> {
+    const unit = this.unitByNumber.get(unitNumber);
+    if (!unit) throw new Error(`assertion: unit ${unitNumber} is not held`);
+    const got = await unit.file.pread(target, position);
+    if (got !== target.length) throw new JournalDamagedError(this.name, `short read in unit ${unitNumber} at ${position}`);
   }
 
   /** Like `readRecordData`, from the page cache only and at once; false when it could not. */
