@@ -327,7 +327,27 @@ export class SourceGroup {
       return;
     }
     let sequence: number | undefined;
-    if (event.data !== undefined && event.lengthBytes > streamEntryDataBytesMax) {
+    if (event.origin === 'sync' && event.kind === 'write' && event.data !== undefined) {
+      // A sync read: blocks that read as zeroes travel as zero entries (a few bytes each, and a cheap
+      // zero range at the target), whatever the volume's allocation says; the rest as writes.
+      const data = Buffer.isBuffer(event.data) ? event.data : Buffer.concat(event.data);
+      let discarded = false;
+      for (const piece of zeroAndDataRuns(data)) {
+        const offset = event.offset + piece.at;
+        if (piece.zero) {
+          sequence = this.queue.push({ kind: 'zero', volume, offset, lengthBytes: piece.lengthBytes, timeMs: event.sourceTimeMs });
+          if (sequence === undefined) discarded = true;
+          continue;
+        }
+        for (let at = 0; at < piece.lengthBytes; at += streamEntryDataBytesMax) {
+          const lengthBytes = Math.min(streamEntryDataBytesMax, piece.lengthBytes - at);
+          const pieceData = data.subarray(piece.at + at, piece.at + at + lengthBytes);
+          sequence = this.queue.push({ kind: 'write', volume, offset: offset + at, lengthBytes, timeMs: event.sourceTimeMs, data: pieceData });
+          if (sequence === undefined) discarded = true;
+        }
+      }
+      if (discarded) sequence = undefined;
+    } else if (event.data !== undefined && event.lengthBytes > streamEntryDataBytesMax) {
       // A large write travels as several entries, so that every journal record fits well inside a unit.
       const data = Buffer.isBuffer(event.data) ? event.data : Buffer.concat(event.data);
       let discarded = false;
@@ -345,7 +365,8 @@ export class SourceGroup {
     // One note per guest write, with its last entry's sequence (acknowledgements are cumulative). A sync read
     // copies the volume's current content and passed no mark, so it is not noted (see dirty-log.ts).
     if (event.origin !== 'sync') this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, sequence);
-    this.shipper.wake();
+    const dataBytes = event.data !== undefined ? event.lengthBytes : 0;
+    this.shipper.wake(dataBytes, Math.max(1, Math.ceil(dataBytes / streamEntryDataBytesMax)));
   }
 
   /**
@@ -709,4 +730,24 @@ export class SourceGroup {
     await this.dirtyLog.close();
     await this.queue.close();
   }
+}
+
+/** Blocks of this size that read as zeroes make a sync read's zero runs. */
+export const syncZeroBlockBytes = 4096;
+const zeroBlock = Buffer.alloc(syncZeroBlockBytes);
+
+/**
+ * Splits `data` into runs of whole zero blocks (`syncZeroBlockBytes`, counted from the start of
+ * `data`) and runs of everything else, in order; a short last block counts as data.
+ */
+export function zeroAndDataRuns(data: Buffer): { at: number; lengthBytes: number; zero: boolean }[] {
+  const runs: { at: number; lengthBytes: number; zero: boolean }[] = [];
+  for (let at = 0; at < data.length; at += syncZeroBlockBytes) {
+    const end = Math.min(data.length, at + syncZeroBlockBytes);
+    const zero = end - at === syncZeroBlockBytes && zeroBlock.equals(data.subarray(at, end));
+    const last = runs[runs.length - 1];
+    if (last && last.zero === zero) last.lengthBytes += end - at;
+    else runs.push({ at, lengthBytes: end - at, zero });
+  }
+  return runs;
 }

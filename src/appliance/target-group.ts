@@ -238,10 +238,11 @@ export class TargetGroup {
       if (typeof parsed.name === 'string') checkpoint.name = parsed.name;
       return { ...base, kind: 'checkpoint', volume: 0, offset: 0, checkpoint };
     }
-    const volume = record.volumes[String(entry.volume)];
+    const volume = record.volumes[entry.volume];
     if (volume === undefined) throw new Error(`Stream ${record.stream} sent an entry for volume ${entry.volume}, which its HELLO did not name`);
-    if (entry.kind === 'write') return { ...base, kind: 'write', volume, offset: entry.offset, data: entry.data! };
-    return { ...base, kind: entry.kind, volume, offset: entry.offset, lengthBytes: entry.lengthBytes };
+    // Built field by field (no spread): this runs for every entry received.
+    if (entry.kind === 'write') return { stream: base.stream, sequence: base.sequence, timeMs: base.timeMs, kind: 'write', volume, offset: entry.offset, data: entry.data! };
+    return { stream: base.stream, sequence: base.sequence, timeMs: base.timeMs, kind: entry.kind, volume, offset: entry.offset, lengthBytes: entry.lengthBytes };
   }
 
   /**

@@ -26,6 +26,7 @@ import {
   decodeWelcome,
   encodeSumsRequest,
   encodeBatchBody,
+  entryHeaderBytes,
   encodeBatchHeader,
   encodeJson,
   encodePing,
@@ -145,6 +146,8 @@ export class Shipper {
   private pumpTimer: Timer | undefined;
   private readonly counters = { rawBytesSent: 0, wireBytesSent: 0, batchesSent: 0, batchesResent: 0, sessions: 0, connectFailures: 0 };
   private wakeSession: (() => void) | undefined;
+  /** Set while a batch that is not full waits for its age limit: its raw bytes so far (see `wake`). */
+  private ageWait: { rawBytes: number } | undefined;
 
   constructor(options: ShipperOptions) {
     this.options = options;
@@ -195,8 +198,17 @@ export class Shipper {
     });
   }
 
-  /** New entries are in the queue. */
-  wake(): void {
+  /**
+   * New entries are in the queue: `dataBytes` of data in all, when the caller knows it. While a
+   * batch that is not full waits for its age limit, entries that cannot fill it do not make the
+   * shipper read the queue again; they go with it when the timer fires.
+   */
+  wake(dataBytes?: number, entries = 1): void {
+    const waiting = this.ageWait;
+    if (waiting && this.pumpTimer && dataBytes !== undefined) {
+      waiting.rawBytes += dataBytes + entries * entryHeaderBytes;
+      if (waiting.rawBytes < this.batchBytesMax) return;
+    }
     this.schedulePump(0);
   }
 
@@ -403,8 +415,14 @@ export class Shipper {
       const link = this.link;
       if (!link || this.stateNow !== 'streaming' || this.stopped) return;
       if (this.bytesUnacknowledged + this.batchBytesMax > this.windowBytesMax && this.inFlight.length > 0) return;
+      this.ageWait = undefined;
       const sequenceLast = this.options.queue.stats().sequenceLast;
       if (sequenceLast <= this.sequenceSent) return;
+      const delayMs = Math.max(0, ...this.options.rateLimits.map((bucket) => bucket.delayMs()));
+      if (delayMs > 0) {
+        this.schedulePump(delayMs);
+        return;
+      }
       const entries = await this.options.queue.read(this.sequenceSent + 1, this.batchBytesMax);
       if (this.link !== link || entries.length === 0) return;
       if (entries[0]!.sequence !== this.sequenceSent + 1) throw new Error(`the queue returned sequence ${entries[0]!.sequence} for ${this.sequenceSent + 1}`);
@@ -418,12 +436,8 @@ export class Shipper {
       const full = last < sequenceLast || rawBytes >= this.batchBytesMax;
       const ageMs = this.scheduler.nowMs() - entries[0]!.timeMs;
       if (!resend && !full && ageMs < this.batchAgeMsMax) {
+        this.ageWait = { rawBytes };
         this.schedulePump(this.batchAgeMsMax - ageMs);
-        return;
-      }
-      const delayMs = Math.max(0, ...this.options.rateLimits.map((bucket) => bucket.delayMs()));
-      if (delayMs > 0) {
-        this.schedulePump(delayMs);
         return;
       }
       const body = encodeBatchBody(wire);
