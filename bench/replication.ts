@@ -317,6 +317,8 @@ function runTracked(command: string, args: string[], options: { timeoutMs: numbe
 interface CpuTimes {
   userS: number;
   systemS: number;
+  /** Minor page faults (every thread): a fresh page mapped, often one the kernel had to zero. */
+  minorFaults: number;
 }
 
 /** CPU seconds in user and system mode (every thread) of a process, from /proc. */
@@ -324,12 +326,45 @@ function cpuTimes(pid: number): CpuTimes {
   const text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
   const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  return { userS: Number(fields[11]) / clockTicksPerSecond, systemS: Number(fields[12]) / clockTicksPerSecond };
+  return { userS: Number(fields[11]) / clockTicksPerSecond, systemS: Number(fields[12]) / clockTicksPerSecond, minorFaults: Number(fields[7]) };
+}
+
+/** CPU seconds (user + system) per thread name of a process (threads of one name summed), from /proc. */
+function threadCpuTimes(pid: number): Map<string, number> {
+  const byName = new Map<string, number>();
+  let tasks: string[];
+  try {
+    tasks = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return byName;
+  }
+  for (const task of tasks) {
+    let text: string;
+    try {
+      text = fs.readFileSync(`/proc/${pid}/task/${task}/stat`, 'utf8');
+    } catch {
+      continue; // the thread ended meanwhile
+    }
+    const name = task === String(pid) ? 'main' : text.slice(text.indexOf('(') + 1, text.lastIndexOf(')')).trim();
+    const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+    byName.set(name, (byName.get(name) ?? 0) + (Number(fields[11]) + Number(fields[12])) / clockTicksPerSecond);
+  }
+  return byName;
+}
+
+/** Seconds per thread name between two readings, largest first, as "name 1.2 s" (threads that ended before the second reading are not counted). */
+function threadCpuSpent(before: Map<string, number>, after: Map<string, number>): string {
+  return [...after]
+    .map(([name, seconds]) => [name, seconds - (before.get(name) ?? 0)] as const)
+    .filter(([, seconds]) => seconds >= 0.05)
+    .sort((a, b) => b[1] - a[1])
+    .map(([name, seconds]) => `${name} ${seconds.toFixed(1)} s`)
+    .join(', ');
 }
 
 /** User + system seconds between two readings, and the system part. */
-function cpuSpent(before: CpuTimes, after: CpuTimes): { totalS: number; systemS: number } {
-  return { totalS: round3(after.userS + after.systemS - before.userS - before.systemS), systemS: round3(after.systemS - before.systemS) };
+function cpuSpent(before: CpuTimes, after: CpuTimes): { totalS: number; systemS: number; minorFaults: number } {
+  return { totalS: round3(after.userS + after.systemS - before.userS - before.systemS), systemS: round3(after.systemS - before.systemS), minorFaults: after.minorFaults - before.minorFaults };
 }
 
 // ------------------------------------------------------------------ sites
@@ -582,6 +617,8 @@ function fioArgs(workload: WorkloadDefinition, uri: string, options: Options, ou
     `--bs=${workload.blockSize}`,
     `--iodepth=${workload.iodepth}`,
     '--numjobs=1',
+    // The job as a thread of the fio we start: a job process of its own outlives a kill of that fio.
+    '--thread',
     '--norandommap',
     '--refill_buffers',
     '--time_based',
@@ -648,6 +685,11 @@ interface ProtectedRecord {
   sourceSystemCpuS: number;
   targetSystemCpuS: number;
   cpuSPerGiBShipped: number;
+  sourceMinorFaults: number;
+  targetMinorFaults: number;
+  /** CPU per thread name, e.g. "main 9.1 s, libuv-worker 2.0 s". */
+  sourceThreadCpu: string;
+  targetThreadCpu: string;
   loadAverage1m: number;
 }
 
@@ -659,6 +701,8 @@ interface PlainRecord {
   fio: FioResult;
   applianceCpuS: number;
   applianceSystemCpuS: number;
+  applianceMinorFaults: number;
+  applianceThreadCpu: string;
   cpuSPerGiBWritten: number;
   loadAverage1m: number;
 }
@@ -690,8 +734,14 @@ async function measureProtected(context: Context, workload: WorkloadDefinition, 
   const pair = await startPair(sites, 'lz4', options);
   try {
     const ready = await waitDrained(pair, 'the source to be in sync with nothing queued before fio');
+    // The target promotes what it holds (an initial sync's records, say) before fio starts, so that the
+    // measurement sees only the work fio causes.
+    const idleStartMs = Date.now();
+    const idleBefore = await waitPromoted(pair, options);
+    log(`  before fio: the source shipped ${formatMiB(ready.shipper.rawBytesSent)} raw since it started (sync: ${JSON.stringify(ready.sync)}); the target promoted it all: ${idleBefore ? 'yes' : 'NO'} after ${((Date.now() - idleStartMs) / 1000).toFixed(1)} s`);
     const shipped = new ShippedTotals(ready);
     const cpuBefore = { source: cpuTimes(pair.source.pid), target: cpuTimes(pair.target.pid) };
+    const threadsBefore = { source: threadCpuTimes(pair.source.pid), target: threadCpuTimes(pair.target.pid) };
     const startedMs = Date.now();
     const sampler = startSampler(pair.source, startedMs, shipped);
     let fio: FioResult;
@@ -713,6 +763,7 @@ async function measureProtected(context: Context, workload: WorkloadDefinition, 
     shipped.note(final);
     const promoted = await waitPromoted(pair, options);
     const cpuAfter = { source: cpuTimes(pair.source.pid), target: cpuTimes(pair.target.pid) };
+    const threadsAfter = { source: threadCpuTimes(pair.source.pid), target: threadCpuTimes(pair.target.pid) };
     const { rawBytes, wireBytes } = shipped.totals();
     const rpo = samples.map((sample) => sample.rpoMs);
     const sourceCpu = cpuSpent(cpuBefore.source, cpuAfter.source);
@@ -747,6 +798,10 @@ async function measureProtected(context: Context, workload: WorkloadDefinition, 
       sourceSystemCpuS: sourceCpu.systemS,
       targetSystemCpuS: targetCpu.systemS,
       cpuSPerGiBShipped: rawBytes > 0 ? round3((sourceCpuS + targetCpuS) / (rawBytes / gib)) : NaN,
+      sourceMinorFaults: sourceCpu.minorFaults,
+      targetMinorFaults: targetCpu.minorFaults,
+      sourceThreadCpu: threadCpuSpent(threadsBefore.source, threadsAfter.source),
+      targetThreadCpu: threadCpuSpent(threadsBefore.target, threadsAfter.target),
       loadAverage1m,
     };
     if (rateBytesPerSecond !== undefined) record.rateBytesPerSecond = Math.round(rateBytesPerSecond);
@@ -762,9 +817,11 @@ async function measurePlain(context: Context, workload: WorkloadDefinition, run:
   const appliance = await startAppliance({ name: 'unprotected', dataDir: sites.plainDataDir, configPath: sites.plainConfigPath, profileDir: options.profileDir });
   try {
     const cpuBefore = cpuTimes(appliance.pid);
+    const threadsBefore = threadCpuTimes(appliance.pid);
     const fio = await runFio(workload, `${appliance.nbd}/disk0`, options, sites.dir);
     const cpu = cpuSpent(cpuBefore, cpuTimes(appliance.pid));
-    return { run, phase: 'throughput', workload: workload.id, protection: 'off', fio, applianceCpuS: cpu.totalS, applianceSystemCpuS: cpu.systemS, cpuSPerGiBWritten: round3(cpu.totalS / (fio.bytes / gib)), loadAverage1m };
+    const applianceThreadCpu = threadCpuSpent(threadsBefore, threadCpuTimes(appliance.pid));
+    return { run, phase: 'throughput', workload: workload.id, protection: 'off', fio, applianceCpuS: cpu.totalS, applianceSystemCpuS: cpu.systemS, applianceMinorFaults: cpu.minorFaults, applianceThreadCpu, cpuSPerGiBWritten: round3(cpu.totalS / (fio.bytes / gib)), loadAverage1m };
   } finally {
     const exit = await appliance.stop();
     if (exit !== '0') log(`warning: the unprotected appliance exited with ${exit}: ${appliance.logTail().slice(-1000)}`);
@@ -1029,6 +1086,15 @@ function summarise(options: Options, results: Results): { rows: Row[]; notes: st
       `${workload.title}: share of CPU time in system mode: protected source ${systemShare(sum(on.map((record) => record.sourceSystemCpuS)), sum(on.map((record) => record.sourceCpuS)))}, target ${systemShare(sum(on.map((record) => record.targetSystemCpuS)), sum(on.map((record) => record.targetCpuS)))}` +
         (off.length ? `, unprotected appliance ${systemShare(sum(off.map((record) => record.applianceSystemCpuS)), sum(off.map((record) => record.applianceCpuS)))}` : ''),
     );
+    notes.push(
+      `${workload.title}: CPU by thread, run by run: protected source ${on.map((record) => `[${record.sourceThreadCpu}]`).join(' ')}; target ${on.map((record) => `[${record.targetThreadCpu}]`).join(' ')}` +
+        (off.length ? `; unprotected appliance ${off.map((record) => `[${record.applianceThreadCpu}]`).join(' ')}` : ''),
+    );
+    const faultsPerMiB = (faults: number, bytes: number): string => Math.round(faults / (bytes / mib)).toLocaleString('en-US');
+    notes.push(
+      `${workload.title}: minor page faults per MiB, run by run: protected source ${on.map((record) => faultsPerMiB(record.sourceMinorFaults, record.rawBytesShipped)).join(', ')}; target ${on.map((record) => faultsPerMiB(record.targetMinorFaults, record.rawBytesShipped)).join(', ')}` +
+        (off.length ? `; unprotected appliance ${off.map((record) => faultsPerMiB(record.applianceMinorFaults, record.fio.bytes)).join(', ')}` : ''),
+    );
     if (reasons.length) notes.push(`${workload.title}: the queue left memory mode because: ${reasons.join('; ')}`);
     notes.push(
       `${workload.title}, protected: queue modes seen ${modes.join(', ')}; most queued ${formatMiB(Math.max(...on.map((record) => record.queuedBytesMax)))}, most spilled ${formatMiB(Math.max(...on.map((record) => record.spillBytesMax)))}; bitmap episodes per run ${episodes.join(', ')}; drain after fio ${on.map((record) => seconds(record.drainMs)).join(', ')}; RPO max ${on.map((record) => seconds(record.rpoMaxMs)).join(', ')}` +
@@ -1097,8 +1163,8 @@ function buildReport(options: Options, machine: Machine, startedAt: Date, mixedD
   lines.push(`- Lifeline: git ${machine.gitCommit}${machine.gitDirty ? ' with uncommitted changes in src/' : ''}, run from a snapshot of the build taken at start (build sha256 ${machine.buildSha256 ?? 'n/a'})`);
   lines.push(`- Sites: two \`lifeline appliance\` processes on loopback, mutual TLS; source volume a preallocated ${formatMiB(options.volumeBytes)} raw file, ${machine.filesystem}; queue 256 MiB memory / 4 GiB spill (the defaults); target journal 256 MiB units, 8 GiB limit, history ${options.historyMs / 1000} s; codec lz4 unless named`);
   lines.push(`- Protection off: the same appliance program with the same volume file but no \`protect\` entry (the NBD server exports the raw file, no tap), and no target running`);
-  lines.push(`- fio: nbd engine over TCP (nbd://127.0.0.1:PORT/disk0), 1 job, ${options.durationS} s time-based${options.rampS > 0 ? ` of which the first ${options.rampS} s are a ramp fio does not count (CPU per GiB written is then overstated)` : ', no ramp (fio counts the whole run, as the CPU readings do)'}, --norandommap, --refill_buffers (fresh random data for every write)`);
-  lines.push(`- Method: ${options.runs} run(s); in each run every workload runs with protection on and off, the order alternating from run to run; fresh appliance processes per measurement (SIGTERM by pid); figures are medians over runs, (min-max) where there are several`);
+  lines.push(`- fio: nbd engine over TCP (nbd://127.0.0.1:PORT/disk0), 1 job (--thread), ${options.durationS} s time-based${options.rampS > 0 ? ` of which the first ${options.rampS} s are a ramp fio does not count (CPU per GiB written is then overstated)` : ', no ramp (fio counts the whole run, as the CPU readings do)'}, --norandommap, --refill_buffers (fresh random data for every write)`);
+  lines.push(`- Method: ${options.runs} run(s); in each run every workload runs with protection on and off, the order alternating from run to run; fresh appliance processes per measurement (SIGTERM by pid); with protection on, fio starts once the source is in sync with nothing queued and the target has promoted everything its journal held; figures are medians over runs, (min-max) where there are several`);
   lines.push(`- RPO: GET /v1/groups/${group} on the source every ${sampleIntervalMs} ms while fio runs; rpoMs = now - source time of the oldest unacknowledged entry (0 with nothing queued)`);
   lines.push(`- CPU: utime + stime of both appliance processes (every thread) from fio's start until the source drained and the target promoted everything, over the raw bytes shipped (shipper.rawBytesSent, resends and sync reads included)`);
   if (options.phases.includes('mixed')) lines.push(`- Mixed data set (${formatMiB(options.mixedBytes)}): ${mixedDescription}; written with \`nbdcopy --sparse=0\` (every block a WRITE with its data); wire bytes = shipper.wireBytesSent (batch headers and entry headers included, TLS framing not)`);
