@@ -634,7 +634,11 @@ function fioArgs(workload: WorkloadDefinition, uri: string, options: Options, ou
 async function runFio(workload: WorkloadDefinition, uri: string, options: Options, dir: string, rateBytesPerSecond?: number): Promise<FioResult> {
   const output = path.join(dir, `${workload.id}.fio.json`);
   await runTracked('fio', fioArgs(workload, uri, options, output, rateBytesPerSecond), { timeoutMs: (options.durationS + options.rampS + 120) * 1000, cwd: dir });
-  const report = JSON.parse(fs.readFileSync(output, 'utf8')) as FioReport;
+  // With --thread, the nbd engine's "fio: connected to NBD server" lands in the output file before the report.
+  const text = fs.readFileSync(output, 'utf8');
+  const reportAt = text.search(/^\{/m);
+  if (reportAt < 0) throw new Error(`fio wrote no JSON report to ${output}: ${text.slice(0, 2000)}`);
+  const report = JSON.parse(text.slice(reportAt)) as FioReport;
   fs.rmSync(output, { force: true });
   const job = report.jobs[0]!;
   if (job.error !== 0) throw new Error(`fio ${workload.id} reported error ${job.error}`);
