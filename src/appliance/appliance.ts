@@ -260,6 +260,7 @@ export class Appliance {
     if (volumeId < 0) throw new Error(`Cannot open a view as group '${options.group}' has no volume '${options.volume}'`);
     if (!this.nbd) throw new Error(`Cannot export a view as appliance '${this.config.appliance.name}' has no NBD address (set nbd.listen)`);
     const name = `view-${options.group}-${options.volume}-${++this.viewNumber}`;
+    target.checkConsistentPoint(volumeId, options.at);
     const view = await target.journal.openView({ volume: volumeId, at: options.at, scratchBytesMax: options.scratchBytesMax, name });
     this.nbd.addExport({ name, store: view, description: `recovery view of ${options.group}/${options.volume} at ${JSON.stringify(options.at)}` });
     this.views.set(name, { group: options.group, volume: options.volume, view, at: options.at });

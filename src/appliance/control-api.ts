@@ -182,7 +182,7 @@ export class ControlApi {
       }
       case 'GET /groups/:group/checkpoints': {
         if (!target) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' receives no group '${groupName}'`);
-        return { group: target.name, checkpoints: target.journal.checkpoints() };
+        return { group: target.name, checkpoints: target.checkpoints() };
       }
       case 'POST /groups/:group/views': {
         if (!target) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' receives no group '${groupName}'`);

@@ -488,7 +488,8 @@ export class SourceGroup {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
     const bitmapEpisodes = this.queue.stats().bitmapEpisodes;
-    this.pushMarker('sync-begin');
+    // The marker names the sync: the target marks the stretch up to sync-end as not consistent, from the start for an initial sync.
+    this.pushMarker('sync-begin', initial ? 'initial-sync' : this.sync.state);
     for (const region of regions) {
       const tap = this.taps.get(region.volume);
       if (!tap) continue;

@@ -10,7 +10,8 @@
  * as diverged. The mapping is persisted before the WELCOME that depends on it.
  */
 import * as path from 'node:path';
-import { Journal, type AppendRecord, type JournalStatus } from '../journal/journal.js';
+import { Journal, type AppendRecord, type CheckpointInfo, type JournalStatus } from '../journal/journal.js';
+import { RecoveryPointUnavailableError } from '../journal/errors.js';
 import type { JournalFileSystem } from '../journal/file-system.js';
 import { JournalPool } from '../journal/pool.js';
 import type { CheckpointMarker } from '../journal/record.js';
@@ -40,9 +41,31 @@ export interface StreamRecord {
   volumes: Record<string, number>;
 }
 
-interface GroupState {
+/**
+ * A stretch of a source's stream during which a sync ran (from its `sync-begin` marker to its
+ * `sync-end`): the target's image of the group is not consistent there, so no checkpoint there is
+ * recoverable and no view opens at a time there. An initial sync's window starts at the beginning
+ * (before its end, nothing at the target is an image of that source's volumes). A sync that starts
+ * while the source's window is open (the previous one never ended) extends that window.
+ */
+export interface SyncWindow {
+  appliance: string;
+  /** The sync's kind as the source named it ('initial-sync', 'resync', 'delta-sync'). */
+  sync: string;
+  /** Journal lsn and source time of the `sync-begin` marker (0 for an initial sync). */
+  beginLsn: number;
+  beginTimeMs: number;
+  beginIds: string[];
+  /** Of the `sync-end` marker; absent while the sync runs. */
+  endLsn?: number;
+  endTimeMs?: number;
+  endId?: string;
+}
+
+export interface GroupState {
   version: 1;
   streams: StreamRecord[];
+  syncWindows?: SyncWindow[];
 }
 
 export interface TargetGroupOptions {
@@ -62,6 +85,8 @@ export interface TargetGroupStatus {
   streams: { stream: number; appliance: string; epoch: string; current: boolean; sequenceDurable: number; sequencePromoted: number; timeMsDurable: number | undefined; connected: boolean }[];
   /** Source time of the newest entry durable in every current stream (the target's newest recoverable point). */
   timeMsNewestDurable: number | undefined;
+  /** Syncs whose points are not consistent (running ones, and ended ones the journal still holds points of). */
+  syncWindows: SyncWindow[];
   journal: JournalStatus;
 }
 
@@ -72,6 +97,7 @@ export class TargetGroup {
   private readonly options: TargetGroupOptions;
   private state: GroupState;
   private readonly replicas: Map<number, BackingStore>;
+  private stateWrites: Promise<void> = Promise.resolve();
   private readonly timeMsDurable = new Map<number, number>();
   private readonly connected = new Set<number>();
   /** The HELLO being handled (see openStream). */
@@ -120,7 +146,9 @@ export class TargetGroup {
         sizeWarningBytes: config.journal.sizeWarningBytes,
       });
       if (journal.openReport.cut) options.logger.warn('journal tail cut on open', { group: config.group, ...journal.openReport.cut });
-      return new TargetGroup(options, journal, state, replicas);
+      const group = new TargetGroup(options, journal, state, replicas);
+      await group.reconcileSyncWindows();
+      return group;
     } catch (error) {
       for (const store of opened) await store.close().catch(() => {});
       throw error;
@@ -175,10 +203,9 @@ export class TargetGroup {
     if (!record) {
       const streamIdLast = this.state.streams.reduce((max, candidate) => Math.max(max, candidate.stream), 0);
       if (streamIdLast >= journalStreamIdMax) return { refuse: { code: 'busy', message: `group '${this.name}' has used all ${journalStreamIdMax} stream ids` } };
-      record = { stream: streamIdLast + 1, appliance: hello.appliance, site: hello.site, epoch: hello.epoch, sequenceBase: hello.sequenceBase, startedMs: this.options.clock.nowMs(), volumes };
-      const next: GroupState = { version: 1, streams: [...this.state.streams, record] };
-      await writeStateFile(this.options.fileSystem, path.join(this.options.directory, stateFileName), next);
-      this.state = next;
+      const created: StreamRecord = { stream: streamIdLast + 1, appliance: hello.appliance, site: hello.site, epoch: hello.epoch, sequenceBase: hello.sequenceBase, startedMs: this.options.clock.nowMs(), volumes };
+      record = created;
+      await this.updateState((state) => ({ ...state, streams: [...state.streams, created] }));
       this.options.logger.info('new stream epoch', { group: this.name, source: hello.appliance, epoch: hello.epoch, stream: record.stream, previousEpoch: current?.epoch });
     }
     const streamRecord = record;
@@ -219,9 +246,96 @@ export class TargetGroup {
     }
     if (piece.length > 0) pieces.push(piece);
     // Queued together, committed in order; the last one's durability covers the rest.
-    await Promise.all(pieces.map((records) => this.journal.append(records)));
+    const placed = await Promise.all(pieces.map((records) => this.journal.append(records)));
+    const syncMarkers: SyncMarker[] = [];
+    pieces.forEach((records, index) => {
+      records.forEach((appended, at) => {
+        const checkpoint = appended.checkpoint;
+        if (appended.kind !== 'checkpoint' || !checkpoint || !isSyncMarkerKind(checkpoint.kind)) return;
+        const marker: SyncMarker = { id: checkpoint.id, kind: checkpoint.kind, lsn: placed[index]!.lsnFirst + at, timeMs: appended.timeMs };
+        if (checkpoint.name !== undefined) marker.name = checkpoint.name;
+        syncMarkers.push(marker);
+      });
+    });
+    // Durable in the group's state before the batch is acknowledged (and rebuilt from the journal at open).
+    if (syncMarkers.length > 0) await this.updateState((state) => withSyncMarkers(state, record.appliance, syncMarkers));
     const last = entries[entries.length - 1];
     if (last) this.timeMsDurable.set(record.stream, last.timeMs);
+  }
+
+  /** Applies `change` to the group's state and writes it, one change at a time. */
+  private updateState(change: (state: GroupState) => GroupState): Promise<void> {
+    const run = this.stateWrites.then(async () => {
+      const next = change(this.state);
+      if (next === this.state) return;
+      await writeStateFile(this.options.fileSystem, path.join(this.options.directory, stateFileName), next);
+      this.state = next;
+    });
+    this.stateWrites = run.catch(() => {});
+    return run;
+  }
+
+  /**
+   * Checkpoints in the journal, with those whose point lies inside a sync window not recoverable
+   * (`inconsistent` says why).
+   */
+  checkpoints(): (CheckpointInfo & { inconsistent?: string })[] {
+    const markers = this.journal.markerRecords();
+    return this.journal.checkpoints().map((checkpoint) => {
+      if (!checkpoint.recoverable) return checkpoint;
+      for (const marker of markers) {
+        if (marker.id !== checkpoint.id) continue;
+        const appliance = this.state.streams.find((stream) => stream.stream === marker.stream)?.appliance;
+        const window = appliance === undefined ? undefined : this.windowAt(appliance, (candidate) => candidate.beginLsn < marker.lsn && (candidate.endLsn === undefined || marker.lsn < candidate.endLsn));
+        if (window) return { ...checkpoint, recoverable: false, inconsistent: describeWindow(window) };
+      }
+      return checkpoint;
+    });
+  }
+
+  /**
+   * Throws when a recovery view of `volume` (journal volume id) at `at` would show a point inside a
+   * sync window: at a checkpoint, any source's window (a checkpoint stands for the whole group); at
+   * a time, a window of the source whose stream carries that volume.
+   */
+  checkConsistentPoint(volume: number, at: { checkpoint: string } | { timeMs: number }): void {
+    if ('checkpoint' in at) {
+      const checkpoint = this.checkpoints().find((candidate) => candidate.id === at.checkpoint);
+      if (checkpoint?.inconsistent) throw new RecoveryPointUnavailableError(`checkpoint '${at.checkpoint}'`, `it lies inside a sync: ${checkpoint.inconsistent}`);
+      return;
+    }
+    const sources = new Set(this.state.streams.filter((stream) => Object.values(stream.volumes).includes(volume)).map((stream) => stream.appliance));
+    for (const window of this.state.syncWindows ?? []) {
+      if (sources.has(window.appliance) && window.beginTimeMs <= at.timeMs && (window.endTimeMs === undefined || at.timeMs < window.endTimeMs)) {
+        throw new RecoveryPointUnavailableError(`time ${new Date(at.timeMs).toISOString()}`, `it lies inside a sync: ${describeWindow(window)}`);
+      }
+    }
+  }
+
+  private windowAt(appliance: string, inside: (window: SyncWindow) => boolean): SyncWindow | undefined {
+    return (this.state.syncWindows ?? []).find((window) => window.appliance === appliance && inside(window));
+  }
+
+  /** Rebuilds windows from the sync markers the journal holds (a crash may have come between the append and the state write), and drops windows the journal has promoted past. */
+  private async reconcileSyncWindows(): Promise<void> {
+    const byAppliance = new Map<string, SyncMarker[]>();
+    for (const marker of this.journal.markerRecords()) {
+      if (!isSyncMarkerKind(marker.kind)) continue;
+      const appliance = this.state.streams.find((stream) => stream.stream === marker.stream)?.appliance;
+      if (appliance === undefined) continue;
+      const list = byAppliance.get(appliance) ?? [];
+      const entry: SyncMarker = { id: marker.id, kind: marker.kind, lsn: marker.lsn, timeMs: marker.timeMs };
+      if (marker.name !== undefined) entry.name = marker.name;
+      list.push(entry);
+      byAppliance.set(appliance, list);
+    }
+    const watermarkLsn = this.journal.watermarkLsn;
+    await this.updateState((state) => {
+      let next = state;
+      for (const [appliance, markers] of byAppliance) next = withSyncMarkers(next, appliance, markers);
+      const kept = (next.syncWindows ?? []).filter((window) => window.endLsn === undefined || window.endLsn > watermarkLsn);
+      return kept.length === (next.syncWindows ?? []).length ? next : { ...next, syncWindows: kept };
+    });
   }
 
   private toAppendRecord(record: StreamRecord, entry: StreamEntry): AppendRecord {
@@ -282,7 +396,7 @@ export class TargetGroup {
     });
     const times = streams.filter((stream) => stream.current).map((stream) => stream.timeMsDurable);
     const timeMsNewestDurable = times.length > 0 && times.every((time) => time !== undefined) ? Math.min(...(times as number[])) : undefined;
-    return { group: this.name, role: 'target', streams, timeMsNewestDurable, journal };
+    return { group: this.name, role: 'target', streams, timeMsNewestDurable, syncWindows: this.state.syncWindows ?? [], journal };
   }
 
   replica(volume: number): BackingStore | undefined {
@@ -376,4 +490,43 @@ class SumsReader {
     await this.turn;
     await this.drop();
   }
+}
+
+interface SyncMarker {
+  id: string;
+  kind: 'sync-begin' | 'sync-end';
+  name?: string;
+  lsn: number;
+  timeMs: number;
+}
+
+function isSyncMarkerKind(kind: string): kind is 'sync-begin' | 'sync-end' {
+  return kind === 'sync-begin' || kind === 'sync-end';
+}
+
+/** The state with a source's sync markers applied, in order; a marker already applied (by id) changes nothing. */
+export function withSyncMarkers(state: GroupState, appliance: string, markers: readonly SyncMarker[]): GroupState {
+  const before = state.syncWindows ?? [];
+  let windows = before;
+  for (const marker of markers) {
+    if (windows.some((window) => window.appliance === appliance && (window.beginIds.includes(marker.id) || window.endId === marker.id))) continue;
+    const open = windows.find((window) => window.appliance === appliance && window.endLsn === undefined);
+    if (marker.kind === 'sync-begin') {
+      if (open) {
+        windows = windows.map((window) => (window === open ? { ...window, beginIds: [...window.beginIds, marker.id] } : window));
+      } else {
+        const initial = marker.name === 'initial-sync';
+        windows = [...windows, { appliance, sync: marker.name ?? 'sync', beginLsn: initial ? 0 : marker.lsn, beginTimeMs: initial ? 0 : marker.timeMs, beginIds: [marker.id] }];
+      }
+    } else if (open) {
+      windows = windows.map((window) => (window === open ? { ...window, endLsn: marker.lsn, endTimeMs: marker.timeMs, endId: marker.id } : window));
+    }
+  }
+  return windows === before ? state : { ...state, syncWindows: windows };
+}
+
+function describeWindow(window: SyncWindow): string {
+  const from = window.beginTimeMs === 0 ? 'the start of the protection' : new Date(window.beginTimeMs).toISOString();
+  const to = window.endTimeMs === undefined ? 'now (it is still running)' : new Date(window.endTimeMs).toISOString();
+  return `the ${window.sync} of '${window.appliance}' ran from ${from} to ${to}`;
 }

@@ -765,6 +765,20 @@ export class Journal {
     state.markers.set(stream, { sequence, lsn, timeMs });
   }
 
+  /** Every checkpoint marker record the journal holds (not promoted), in lsn order. */
+  markerRecords(): { id: string; kind: string; name?: string; stream: number; lsn: number; timeMs: number }[] {
+    const out: { id: string; kind: string; name?: string; stream: number; lsn: number; timeMs: number }[] = [];
+    for (const [id, state] of this.checkpointStates) {
+      for (const [stream, marker] of state.markers) {
+        if (marker.lsn <= this.meta.watermarkLsn) continue;
+        const record: { id: string; kind: string; name?: string; stream: number; lsn: number; timeMs: number } = { id, kind: state.marker.kind, stream, lsn: marker.lsn, timeMs: marker.timeMs };
+        if (state.marker.name !== undefined) record.name = state.marker.name;
+        out.push(record);
+      }
+    }
+    return out.sort((a, b) => a.lsn - b.lsn);
+  }
+
   /** Checkpoints whose markers are in the journal, oldest first. */
   checkpoints(): CheckpointInfo[] {
     const out: CheckpointInfo[] = [];
