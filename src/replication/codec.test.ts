@@ -29,6 +29,8 @@ import {
   CorruptBatchError,
   decompressBatch,
   incompressibleRatioMin,
+  lz4ProbeBatchBytesMin,
+  lz4ProbeCounters,
   type CodecName,
 } from './codec.js';
 import { makeTempDir, prng, repositoryRoot, run, systemPython, testSeed } from '../../test/helpers.js';
@@ -251,6 +253,29 @@ test('compressBatch falls back to none below the minimum saving, and keeps batch
   assert.deepEqual(compressBatch('lz4', []), { codec: 'none', payload: [], rawBytes: 0 });
   assert.equal(decompressBatch('none', [], 0).length, 0);
   assert.throws(() => compressBatch('lz4', [Buffer.alloc(batchRawBytesMax + 1)]), RangeError);
+});
+
+test('lz4 probes a large batch by samples: random data goes as it is without a full attempt, a batch that compresses anywhere the samples see is compressed', () => {
+  const seed = testSeed('lz4-probe');
+  const random = prng(seed);
+  // 4 KiB entries behind 32-byte headers, as the shipper hands them over.
+  const entries = (count: number, block: (index: number) => Buffer): Buffer[] => Array.from({ length: count }, (_, index) => [Buffer.alloc(32, index & 0xff), block(index)]).flat();
+  const noise = entries(256, () => makeData('random', 4 * KiB, random));
+  const before = { ...lz4ProbeCounters };
+  const asTheyAre = compressBatch('lz4', noise);
+  assert.equal(asTheyAre.codec, 'none');
+  assert.equal(lz4ProbeCounters.probes - before.probes, 1);
+  assert.equal(lz4ProbeCounters.sentAsTheyAre - before.sentAsTheyAre, 1, 'the samples decided: no full attempt');
+  assert.ok(decompressBatch(asTheyAre.codec, asTheyAre.payload, asTheyAre.rawBytes).equals(Buffer.concat(noise)));
+  // Every fourth block text-like: every sample sees some, and the whole saves well over 1/16.
+  const mixed = entries(256, (index) => makeData(index % 4 === 0 ? 'text' : 'random', 4 * KiB, random));
+  const compressed = compressBatch('lz4', mixed);
+  assert.equal(compressed.codec, 'lz4');
+  assert.ok(decompressBatch(compressed.codec, compressed.payload, compressed.rawBytes).equals(Buffer.concat(mixed)));
+  // Below the probe size the whole is tried as before.
+  const small = compressBatch('lz4', [makeData('random', lz4ProbeBatchBytesMin - 1, random)]);
+  assert.equal(small.codec, 'none');
+  assert.equal(lz4ProbeCounters.probes - before.probes, 2, 'only the two large batches were probed');
 });
 
 test('property: compressBatch then decompressBatch returns the batch, for data of literals, runs and back-references', () => {
