@@ -7,7 +7,7 @@ import { SimulatedDisk } from './sim-disk.js';
 import { closeTestJournal, createReplicas, ManualClock, modelVolumes, openTestJournal, readVolume, settle, type TestJournalConfig } from './testing.js';
 import type { AppendRecord } from './journal.js';
 import { DatastoreFullError, DuplicateSequenceError, InvalidRecordError, JournalDamagedError, JournalFailedError, RecoveryPointUnavailableError, SequenceGapError } from './errors.js';
-import { Journal, type JournalAlertCondition, type JournalEvent } from './journal.js';
+import { Journal, promotedCheckpointsListedMax, type JournalAlertCondition, type JournalEvent } from './journal.js';
 import { JournalFileBackingStore } from './file-store.js';
 import { nodeFileSystem } from './file-system.js';
 import { JournalPool, type DatastoreConfig } from './pool.js';
@@ -266,6 +266,26 @@ test('promotion reads runs of records across units and skips a record a later on
   const writes = records.filter((record) => record.kind === 'write').length;
   assert.equal(writesApplied, writes - 2, 'writes 1 and 2 were replaced within the step');
   assert.deepEqual(await readVolume(replica, 65536), modelVolumes(config.volumes, records).get(1));
+  await closeTestJournal(opened);
+});
+
+test('checkpoints promoted past stay listed (not recoverable) up to a limit; older ones are forgotten', async () => {
+  const { clock, opened } = await fixture({ sizeLimitBytes: 1 << 22 });
+  const { journal } = opened;
+  let sequence = 0;
+  const checkpointAt = (id: string) => ({ kind: 'checkpoint' as const, stream: 0, sequence: ++sequence, timeMs: clock.timeMs, volume: 0, offset: 0, checkpoint: { id, kind: 'crash-consistent', streams: [0] } });
+  const total = promotedCheckpointsListedMax + 36;
+  for (let i = 0; i < total; i++) await journal.append([{ ...write(0, ++sequence, 512 * (i % 64)), timeMs: clock.timeMs }, checkpointAt(`cp-${i}`)]);
+  clock.timeMs += 10_000;
+  await journal.tick();
+  const listed = journal.checkpoints();
+  assert.equal(listed.length, promotedCheckpointsListedMax);
+  assert.deepEqual(listed.map((checkpoint) => checkpoint.id), Array.from({ length: promotedCheckpointsListedMax }, (_, i) => `cp-${total - promotedCheckpointsListedMax + i}`));
+  assert.ok(listed.every((checkpoint) => !checkpoint.recoverable));
+  await journal.append([{ ...write(0, ++sequence, 0), timeMs: clock.timeMs }, checkpointAt('cp-new')]);
+  const after = journal.checkpoints();
+  assert.equal(after.length, promotedCheckpointsListedMax + 1);
+  assert.deepEqual({ id: after[after.length - 1]!.id, recoverable: after[after.length - 1]!.recoverable }, { id: 'cp-new', recoverable: true });
   await closeTestJournal(opened);
 });
 

@@ -46,6 +46,8 @@ export const streamIdMax = 0xffff;
 export const volumeIdMax = 0xffff;
 /** Records promoted per metadata step (each step is restartable on its own). */
 export const promoteStepRecordsMax = 4096;
+/** Checkpoints promoted past that stay listed (not recoverable); older ones are forgotten. */
+export const promotedCheckpointsListedMax = 64;
 /** Promotion reads records that lie one after another in a unit with one pread of at most this (a larger record alone). */
 export const promoteReadBytesMax = 4 * 1024 * 1024;
 /** Fractions of the configured history under which the history alerts are raised. */
@@ -849,6 +851,31 @@ export class Journal {
     }
     // Units held back by a view read last time go now.
     await this.releaseUnits();
+    this.forgetPromotedCheckpoints();
+  }
+
+  /**
+   * Checkpoints whose every marker is promoted are listed (not recoverable) until
+   * `promotedCheckpointsListedMax` newer ones are promoted too; older ones are forgotten, so that
+   * the list and its memory do not grow for the life of the journal.
+   */
+  private forgetPromotedCheckpoints(): void {
+    const promoted: { id: string; lsn: number }[] = [];
+    for (const [id, state] of this.checkpointStates) {
+      let lsnMax = 0;
+      let all = state.markers.size > 0;
+      for (const marker of state.markers.values()) {
+        if (marker.lsn > this.meta.watermarkLsn) {
+          all = false;
+          break;
+        }
+        lsnMax = Math.max(lsnMax, marker.lsn);
+      }
+      if (all) promoted.push({ id, lsn: lsnMax });
+    }
+    if (promoted.length <= promotedCheckpointsListedMax) return;
+    promoted.sort((a, b) => a.lsn - b.lsn);
+    for (const { id } of promoted.slice(0, promoted.length - promotedCheckpointsListedMax)) this.checkpointStates.delete(id);
   }
 
   /**
