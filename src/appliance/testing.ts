@@ -33,6 +33,8 @@ export interface TwoSitesOptions {
   spillBytesMax?: number;
   rateLimitBytesPerSecond?: number;
   codec?: string;
+  /** The target's journal datastore capacity (default 4 GiB). */
+  datastoreCapacityBytes?: number;
 }
 
 export async function makeTwoSites(dir: string, options: TwoSitesOptions = {}): Promise<TwoSites> {
@@ -78,7 +80,7 @@ export async function makeTwoSites(dir: string, options: TwoSitesOptions = {}): 
           journal: {
             unitBytes: options.unitBytes ?? 8 * MiB,
             sizeLimitBytes: '2GiB',
-            datastores: [{ path: 'journal', capacityBytes: '4GiB', freeBytesMin: 0 }],
+            datastores: [{ path: 'journal', capacityBytes: options.datastoreCapacityBytes ?? '4GiB', freeBytesMin: 0 }],
           },
         },
       ],

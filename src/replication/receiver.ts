@@ -80,7 +80,7 @@ export class Receiver {
   private readonly links = new Set<FrameLink>();
   private readonly logger: Logger;
   private closed = false;
-  readonly counters = { links: 0, batches: 0, entries: 0, duplicatesSkipped: 0, rawBytes: 0, wireBytes: 0, protocolErrors: 0, sumsRequests: 0 };
+  readonly counters = { links: 0, batches: 0, entries: 0, duplicatesSkipped: 0, rawBytes: 0, wireBytes: 0, protocolErrors: 0, sumsRequests: 0, storeFailures: 0 };
 
   constructor(private readonly options: ReceiverOptions) {
     this.logger = options.logger ?? silentLogger;
@@ -287,7 +287,10 @@ class ReceiverSession {
         entries = skip > 0 ? entries.slice(skip) : entries;
         // The data are views into the decompressed body, which nothing else holds: the journal may
         // keep them. The next batch is handed over without waiting for this one's sync.
-        durable = stream.append(entries);
+        const sequenceFirst = entries[0]!.sequence;
+        durable = stream.append(entries).catch((error: unknown) => {
+          throw new StoreFailedError(sequenceFirst, last, error);
+        });
         const count = entries.length;
         durable.then(() => (counters.entries += count), () => undefined);
         this.sequenceNext = last + 1;
@@ -328,6 +331,16 @@ class ReceiverSession {
     if (this.ended) return;
     const cause = error instanceof Error ? error : new Error(String(error));
     if (error instanceof WireProtocolError) this.receiver.counters.protocolErrors++;
+    if (error instanceof StoreFailedError) {
+      // The source resends the batch after it reconnects; tell it why this one was not stored, so that
+      // its status says so rather than a closed link.
+      this.receiver.counters.storeFailures++;
+      this.receiver.log.error('replication batch not stored', { error: cause.message });
+      this.link.send('refuse', encodeJson({ code: 'cannot-store', message: cause.message } satisfies Refuse));
+      this.link.close(); // an orderly close, so that the refusal reaches the source
+      this.end(cause);
+      return;
+    }
     this.receiver.log.warn('replication session failed', { error: cause.message });
     this.link.close(cause);
     this.end(cause);
@@ -344,5 +357,13 @@ class ReceiverSession {
       stream?.release();
       if (key) this.receiver.unclaim(key, this.link);
     });
+  }
+}
+
+/** The target's store (journal) refused or failed a batch. */
+class StoreFailedError extends Error {
+  constructor(sequenceFirst: number, sequenceLast: number, cause: unknown) {
+    super(`entries ${sequenceFirst} to ${sequenceLast} could not be stored: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
+    this.name = 'StoreFailedError';
   }
 }

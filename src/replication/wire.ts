@@ -209,7 +209,8 @@ export interface Welcome {
   appliance: string;
 }
 
-export type RefuseCode = 'version' | 'unknown-group' | 'not-allowed' | 'epoch-diverged' | 'volumes-differ' | 'busy' | 'journal-failed' | 'bad-request';
+/** `cannot-store`: the target could not make a batch durable (journal full, failed, or the batch refused); sent before the link closes, so the source can say why. */
+export type RefuseCode = 'version' | 'unknown-group' | 'not-allowed' | 'epoch-diverged' | 'volumes-differ' | 'busy' | 'journal-failed' | 'bad-request' | 'cannot-store';
 
 export interface Refuse {
   code: RefuseCode;

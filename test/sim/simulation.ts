@@ -243,7 +243,10 @@ async function simulate(options: SimulationOptions): Promise<SimulationResult> {
     if (message === 'replication session refused' && fields['code'] !== 'journal-failed') violation(`${who}: the receiver refused a session (${String(fields['code'])}): ${String(fields['message'])}`);
     if (message === 'replication protocol error') violation(`${who}: the shipper saw a protocol error: ${error}`);
     if (message === 'shipper failed to read its queue') violation(`${who}: ${message}: ${error}`);
-    if (message === 'target refused the stream' && fields['code'] !== 'journal-failed') violation(`${who}: the target refused the stream (${String(fields['code'])}): ${String(fields['message'])}`);
+    if (message === 'replication batch not stored' && !allowedSessionFailure.test(error)) violation(`${who}: the receiver could not store a batch: ${error}`);
+    // A batch the journal could not store after a simulated disk fault is refused with the reason (cannot-store).
+    const refusalAllowed = fields['code'] === 'journal-failed' || (fields['code'] === 'cannot-store' && allowedSessionFailure.test(String(fields['message'])));
+    if (message === 'target refused the stream' && !refusalAllowed) violation(`${who}: the target refused the stream (${String(fields['code'])}): ${String(fields['message'])}`);
   };
 
   const network = new SimNetwork(scheduler, root.fork(), parameters.quality, (kind, detail) => log.event(kind, detail));
