@@ -49,6 +49,8 @@ export interface ApplianceStatus {
   rateLimitBytesPerSecond: number;
   volumes: { name: string; sizeBytes: number; group: string | undefined; path: string }[];
   groups: (SourceGroupStatus | TargetGroupStatus)[];
+  /** The replication receiver's counters since start (present when the appliance receives groups). */
+  receiver?: Receiver['counters'];
 }
 
 interface ServedVolume {
@@ -249,6 +251,7 @@ export class Appliance {
       rateLimitBytesPerSecond: this.rateLimit.rateBytesPerSecond,
       volumes: [...this.volumes.values()].map((volume) => ({ name: volume.name, sizeBytes: volume.file.sizeBytes, group: owner.get(volume.name), path: volume.path })),
       groups: [...[...this.sources.values()].map((source) => source.status()), ...[...this.targets.values()].map((target) => target.status())],
+      ...(this.receiver ? { receiver: { ...this.receiver.counters } } : {}),
     };
   }
 

@@ -157,6 +157,11 @@ test('delta sync on demand while fio writes, after the replica was damaged behin
   assert.ok(delta.bytesShipped <= damaged.length * deltaBlockBytes + 4 * MiB, `no more than the damaged blocks and fio's area: ${JSON.stringify(delta)}`);
   assert.equal(delta.piecesShippedWhole, 0);
   await replicaEqualsSource(pair, 'after the delta sync');
+  // One checksum request per piece, several in flight at once (sent ahead, not one round trip after another).
+  const { receiver } = await pair.target.api<{ receiver?: { sumsRequests: number; sumsRequestsInFlightMax: number } }>('GET', '/v1/status');
+  assert.ok(receiver, 'the target reports its receiver counters');
+  assert.ok(receiver.sumsRequests >= volumeBytes / MiB, `a request per 1 MiB piece at least: ${JSON.stringify(receiver)}`);
+  assert.ok(receiver.sumsRequestsInFlightMax >= 2, `requests were sent ahead of the piece being compared: ${JSON.stringify(receiver)}`);
 });
 
 test('delta sync with the target down: pieces without checksums are shipped whole, and once the target is back the replica equals the source', async (t) => {

@@ -55,6 +55,8 @@ export type SyncState = 'initial-sync' | 'resync' | 'delta-sync' | 'in-sync';
 
 /** Block size of delta sync: the source and the target compare one checksum per block. */
 export const deltaBlockBytes = 64 * 1024;
+/** Checksum requests a delta sync keeps in flight ahead of the piece it works on, so that a long round trip is paid once per window of pieces rather than once per piece. */
+export const deltaSumsAheadMax = 8;
 /** Attempts at a piece's checksums (the link may be down) before the piece is shipped whole. */
 export const deltaSumsAttemptsMax = 40;
 
@@ -195,6 +197,8 @@ export class SourceGroup {
   private resyncPendingReason: string | undefined;
   /** Whether the last checksum request of a delta sync was answered. */
   private deltaAnswered = true;
+  /** Checksum requests sent ahead for the pieces a delta sync works on next, by `volume:offset:length`. */
+  private readonly deltaAhead = new Map<string, Promise<Buffer>>();
   /** Why the dirty-region log was found damaged at open (a delta sync of every volume is owed). */
   private dirtyLogDamaged: string | undefined;
   /**
@@ -481,6 +485,7 @@ export class SourceGroup {
       })
       .finally(() => {
         this.syncActive = false;
+        this.deltaAhead.clear();
       });
   }
 
@@ -499,6 +504,7 @@ export class SourceGroup {
         while (this.queue.stats().queuedBytes > this.syncQueuedBytesMax && !this.stopping) await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
         if (this.stopping) break;
         if (this.sync.state === 'delta-sync') {
+          this.requestDeltaSumsAhead(region.volume, offset, end);
           await this.deltaPiece(tap, region.volume, offset, lengthBytes);
           offset += lengthBytes;
           this.noteSyncProgress(lengthBytes);
@@ -563,6 +569,25 @@ export class SourceGroup {
   }
 
   /**
+   * Sends the checksum requests of the next `deltaSumsAheadMax` pieces of a region from `offset`
+   * (those not sent yet), while the link streams. Each piece still reads its own content only after
+   * its answer came (see deltaPiece), so asking early changes nothing but the waiting.
+   */
+  private requestDeltaSumsAhead(volume: number, offset: number, end: number): void {
+    if (!this.deltaAnswered || this.shipper.state !== 'streaming') return;
+    for (let ahead = 0, at = offset; ahead < deltaSumsAheadMax && at < end; ahead++) {
+      const lengthBytes = Math.min(this.syncPieceBytes, end - at);
+      const key = `${volume}:${at}:${lengthBytes}`;
+      if (!this.deltaAhead.has(key)) {
+        const request = this.shipper.requestSums({ volume, offset: at, lengthBytes, blockBytes: deltaBlockBytes });
+        request.catch(() => undefined); // taken (or dropped) by the piece
+        this.deltaAhead.set(key, request);
+      }
+      at += lengthBytes;
+    }
+  }
+
+  /**
    * Delta sync of one piece: the target's checksums of the piece as it holds it, then the source's
    * content read after that answer; only the blocks that differ are read again through the tap
    * (in stream order) and shipped. A block that matches needs nothing: the target holds it at a
@@ -573,9 +598,17 @@ export class SourceGroup {
   private async deltaPiece(tap: Tap, volume: number, offset: number, lengthBytes: number): Promise<void> {
     const delta = this.sync.delta!;
     let sums: Buffer | undefined;
+    // The answer to the request sent ahead, if it came; one that failed (the session ended since) is not an attempt.
+    const key = `${volume}:${offset}:${lengthBytes}`;
+    const ahead = this.deltaAhead.get(key);
+    this.deltaAhead.delete(key);
+    if (ahead) {
+      sums = await ahead.catch(() => undefined);
+      if (sums) this.deltaAnswered = true;
+    }
     // After a piece went unanswered, the next ones ask once each until an answer comes again.
     const attemptsMax = delta.piecesShippedWhole > 0 && !this.deltaAnswered ? 1 : deltaSumsAttemptsMax;
-    for (let attempt = 1; !this.stopping; attempt++) {
+    for (let attempt = 1; !sums && !this.stopping; attempt++) {
       try {
         sums = await this.shipper.requestSums({ volume, offset, lengthBytes, blockBytes: deltaBlockBytes });
         this.deltaAnswered = true;

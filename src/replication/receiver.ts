@@ -80,7 +80,7 @@ export class Receiver {
   private readonly links = new Set<FrameLink>();
   private readonly logger: Logger;
   private closed = false;
-  readonly counters = { links: 0, batches: 0, entries: 0, duplicatesSkipped: 0, rawBytes: 0, wireBytes: 0, protocolErrors: 0, sumsRequests: 0, storeFailures: 0 };
+  readonly counters = { links: 0, batches: 0, entries: 0, duplicatesSkipped: 0, rawBytes: 0, wireBytes: 0, protocolErrors: 0, sumsRequests: 0, sumsRequestsInFlightMax: 0, storeFailures: 0 };
 
   constructor(private readonly options: ReceiverOptions) {
     this.logger = options.logger ?? silentLogger;
@@ -142,6 +142,8 @@ class ReceiverSession {
   private ended = false;
   /** Next sequence this session will append. */
   private sequenceNext = 0;
+  /** Checksum requests of this session being answered. */
+  private sumsInFlight = 0;
   /** Batches in arrival order: each is checked and handed to the journal after the one before. */
   private chain: Promise<void> = Promise.resolve();
   /** Acknowledgements in order: each waits for its batch to be durable and for the one before. */
@@ -310,15 +312,21 @@ class ReceiverSession {
     const request = decodeSumsRequest(frame);
     const stream = this.stream;
     if (!stream) throw new WireProtocolError('a checksum request on a stream that was not opened');
-    this.receiver.counters.sumsRequests++;
-    stream.sums(request.volume, request.offset, request.lengthBytes, request.blockBytes).then(
-      (sums) => {
-        if (!this.ended) this.link.send('sums', encodeSums({ requestId: request.requestId, sums }));
-      },
-      (error: unknown) => {
-        if (!this.ended) this.link.send('sums', encodeSums({ requestId: request.requestId, error: error instanceof Error ? error.message : String(error) }));
-      },
-    );
+    const counters = this.receiver.counters;
+    counters.sumsRequests++;
+    this.sumsInFlight++;
+    counters.sumsRequestsInFlightMax = Math.max(counters.sumsRequestsInFlightMax, this.sumsInFlight);
+    stream
+      .sums(request.volume, request.offset, request.lengthBytes, request.blockBytes)
+      .then(
+        (sums) => {
+          if (!this.ended) this.link.send('sums', encodeSums({ requestId: request.requestId, sums }));
+        },
+        (error: unknown) => {
+          if (!this.ended) this.link.send('sums', encodeSums({ requestId: request.requestId, error: error instanceof Error ? error.message : String(error) }));
+        },
+      )
+      .finally(() => this.sumsInFlight--);
   }
 
   private refuse(refuse: Refuse): void {
