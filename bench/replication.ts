@@ -712,6 +712,9 @@ interface ProtectedRecord {
   cpuSPerGiBShipped: number;
   sourceMinorFaults: number;
   targetMinorFaults: number;
+  /** Dirty-region marks during the measurement that had to write and sync the log (slow) or found the region durable (fast). */
+  dirtyMarksSlow: number;
+  dirtyMarksFast: number;
   /** CPU per thread name, e.g. "main 9.1 s, libuv-worker 2.0 s". */
   sourceThreadCpu: string;
   targetThreadCpu: string;
@@ -824,6 +827,8 @@ async function measureProtected(context: Context, workload: WorkloadDefinition, 
       sourceSystemCpuS: sourceCpu.systemS,
       targetSystemCpuS: targetCpu.systemS,
       cpuSPerGiBShipped: rawBytes > 0 ? round3((sourceCpuS + targetCpuS) / (rawBytes / gib)) : NaN,
+      dirtyMarksSlow: final.dirtyLog.marksSlow - ready.dirtyLog.marksSlow,
+      dirtyMarksFast: final.dirtyLog.marksFast - ready.dirtyLog.marksFast,
       sourceMinorFaults: sourceCpu.minorFaults,
       targetMinorFaults: targetCpu.minorFaults,
       sourceThreadCpu: threadCpuSpent(threadsBefore.source, threadsAfter.source),
@@ -1116,6 +1121,9 @@ function summarise(options: Options, results: Results): { rows: Row[]; notes: st
     notes.push(
       `${workload.title}: CPU by thread, run by run: protected source ${on.map((record) => `[${record.sourceThreadCpu}]`).join(' ')}; target ${on.map((record) => `[${record.targetThreadCpu}]`).join(' ')}` +
         (off.length ? `; unprotected appliance ${off.map((record) => `[${record.applianceThreadCpu}]`).join(' ')}` : ''),
+    );
+    notes.push(
+      `${workload.title}, protected: dirty-region marks that wrote and synced the log, run by run: ${on.map((record) => `${record.dirtyMarksSlow.toLocaleString('en-US')} of ${(record.dirtyMarksSlow + record.dirtyMarksFast).toLocaleString('en-US')}`).join(', ')}`,
     );
     const faultsPerMiB = (faults: number, bytes: number): string => Math.round(faults / (bytes / mib)).toLocaleString('en-US');
     notes.push(

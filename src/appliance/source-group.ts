@@ -158,6 +158,8 @@ export interface SourceGroupStatus {
   target: string;
   sync: SyncProgress;
   queue: ReturnType<StreamQueue['stats']>;
+  /** The dirty-region log: regions a crash now would resync, and how marks went (fast: region already durable; slow: a log write and sync). */
+  dirtyLog: ReturnType<DirtyRegionLog['stats']>;
   shipper: ShipperStats;
   rpoMs: number;
   rpoMsTarget: number;
@@ -733,6 +735,7 @@ export class SourceGroup {
       target: `${this.config.target.appliance} at ${this.config.target.address.host}:${this.config.target.address.port}`,
       sync: this.syncStatus(),
       queue: this.queue.stats(),
+      dirtyLog: this.dirtyLog.stats(),
       shipper,
       rpoMs,
       rpoMsTarget: this.config.rpoMsTarget,
