@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import { makeTempDir, prng, testSeed } from '../../test/helpers.js';
 import { syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
-import { filesEqual, makeTwoSites, MiB, startAppliance, waitFor } from './testing.js';
+import { filesEqual, makeTwoSites, MiB, startSites, waitFor } from './testing.js';
 
 test('zeroAndDataRuns() splits a buffer into runs of whole zero blocks and runs of the rest, in order', () => {
   const block = syncZeroBlockBytes;
@@ -45,12 +45,7 @@ test('an initial sync ships the zero blocks of an allocated volume as zero entri
   fs.writeFileSync(sites.sourceVolumePath, volume);
   const dataBytesMax = dataBlocks.size * syncZeroBlockBytes + MiB;
 
-  const target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
-  const source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
-  t.after(async () => {
-    await source.kill();
-    await target.kill();
-  });
+  const { source, target } = await startSites(t, sites);
   let last: SourceGroupStatus | undefined;
   const status = await waitFor('the initial sync to finish and drain', 60_000, async () => {
     last = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');

@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { makeTempDir, run, testSeed, writeRandomFile } from '../../test/helpers.js';
 import type { SourceGroupStatus } from './source-group.js';
-import { makeTwoSites, MiB, startAppliance, waitFor, type RunningAppliance } from './testing.js';
+import { makeTwoSites, MiB, startSites, waitInSync, type RunningAppliance } from './testing.js';
 
 interface Sample {
   atMs: number;
@@ -45,16 +45,8 @@ test('the shipped rate stays within 5 % of the group limit over a minute, and of
   const volumeBytes = 64 * MiB;
   const groupRate = 2 * MiB;
   const sites = await makeTwoSites(dir, { volumeBytes, rateLimitBytesPerSecond: groupRate, spillBytesMax: 1024 * MiB });
-  const target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
-  const source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
-  t.after(async () => {
-    await source.kill();
-    await target.kill();
-  });
-  await waitFor('the initial sync of the empty volume', 60_000, async () => {
-    const status = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
-    return status.sync.state === 'in-sync' && status.queue.queuedEntries === 0 ? true : undefined;
-  });
+  const { source, target } = await startSites(t, sites);
+  await waitInSync(source, 'the initial sync of the empty volume');
 
   // A backlog of 384 MiB of fresh random data (incompressible: wire bytes are the data's), written
   // through NBD far faster than the link may carry it.

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { makeTempDir, run, testSeed, writeRandomFile } from '../../test/helpers.js';
 import type { SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
-import { filesEqual, makeTwoSites, MiB, startAppliance, waitFor } from './testing.js';
+import { filesEqual, makeTwoSites, MiB, startSites, waitFor, waitInSync } from './testing.js';
 
 test('a full journal datastore: the target refuses the batch with the reason, the source reports it and resends until it is stored', async (t) => {
   const seed = testSeed('store-full');
@@ -19,16 +19,8 @@ test('a full journal datastore: the target refuses the batch with the reason, th
   // Four 4 MiB units at most (the current one and the spare included), history 2 s: 64 MiB written at
   // once cannot fit until promotion gives units back.
   const sites = await makeTwoSites(dir, { volumeBytes, historyMs: 2000, unitBytes: 4 * MiB, datastoreCapacityBytes: 16 * MiB });
-  const target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
-  const source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
-  t.after(async () => {
-    await source.kill();
-    await target.kill();
-  });
-  await waitFor('the initial sync of the empty volume', 60_000, async () => {
-    const status = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
-    return status.sync.state === 'in-sync' && status.queue.queuedEntries === 0 ? true : undefined;
-  });
+  const { source, target } = await startSites(t, sites);
+  await waitInSync(source, 'the initial sync of the empty volume');
 
   const dataPath = path.join(dir, 'random.img');
   writeRandomFile(dataPath, volumeBytes, seed);

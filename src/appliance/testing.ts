@@ -7,6 +7,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { freePort, lifelineBin, run } from '../../test/helpers.js';
+import type { SourceGroupStatus } from './source-group.js';
 
 export const MiB = 1024 * 1024;
 
@@ -168,6 +169,25 @@ export async function startAppliance(options: { dataDir: string; configPath: str
       await exited;
     },
   };
+}
+
+/** Starts the target, then the source, of `sites`; both are killed (by pid) when the test ends. */
+export async function startSites(t: { after(fn: () => Promise<unknown>): void }, sites: TwoSites): Promise<{ source: RunningAppliance; target: RunningAppliance }> {
+  const target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
+  const source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
+  t.after(async () => {
+    await source.kill();
+    await target.kill();
+  });
+  return { source, target };
+}
+
+/** Waits until group pg1 at `source` is in sync with nothing queued; resolves with its status. */
+export function waitInSync(source: RunningAppliance, what: string, timeoutMs = 60_000): Promise<SourceGroupStatus> {
+  return waitFor(what, timeoutMs, async () => {
+    const status = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
+    return status.sync.state === 'in-sync' && status.queue.queuedEntries === 0 ? status : undefined;
+  });
 }
 
 /** Polls `check` until it returns a value other than undefined, or fails after `timeoutMs` with `what`. */
