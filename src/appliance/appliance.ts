@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { NbdServer, type ExportConfig } from '../nbd/server.js';
 import { nodeFileSystem, type JournalFileSystem } from '../journal/file-system.js';
-import { FileBackingStore, type BackingStore } from '../tap/backing-store.js';
+import { FileBackingStore } from '../tap/backing-store.js';
 import type { Logger } from '../util/logger.js';
 import { formatAddress } from '../util/address.js';
 import { SocketFrameLink, type FrameLink } from '../replication/link.js';
@@ -23,8 +23,10 @@ import type { RecoveryView } from '../journal/view.js';
 import type { ViewPoint } from '../journal/journal.js';
 import { checkProtectVolumes, type ApplianceConfig, type ProtectConfig } from './config.js';
 import { ControlApi } from './control-api.js';
-import { SourceGroup, type SourceGroupStatus } from './source-group.js';
+import { SourceGroup, type SourceGroupStatus, type SyncState } from './source-group.js';
 import { TargetGroup, type TargetGroupStatus } from './target-group.js';
+import { VolumeSwitch } from './volume-switch.js';
+import { readStateFile, writeStateFile } from '../util/state-file.js';
 
 /** How often the journals are ticked (promotion of aged writes, alerts). */
 export const journalTickMs = 1_000;
@@ -57,6 +59,32 @@ interface ServedVolume {
   name: string;
   path: string;
   file: FileBackingStore;
+  /** What the NBD server exports: the file, or the stack of the group that protects the volume. */
+  switch: VolumeSwitch;
+}
+
+/**
+ * `<data>/volumes-unprotected.json`: the volumes this appliance has served without protection, and
+ * since when. Written before the first request reaches such a volume; a protection group that starts
+ * on one owes a delta sync (its state cannot account for those writes), then the entry is removed.
+ */
+export const unprotectedVolumesFileName = 'volumes-unprotected.json';
+interface UnprotectedVolumesState {
+  version: 1;
+  volumes: Record<string, { sinceMs: number }>;
+}
+
+/** What removing protection from a group did. */
+export interface ProtectionRemoved {
+  group: string;
+  volumes: string[];
+  /** Entries the target had not acknowledged when the group stopped (0: it holds every write made under protection). */
+  entriesNotAcknowledged: number;
+  bytesNotAcknowledged: number;
+  /** The sync that was running, cut short (the target's replica stays inconsistent until the next protection's sync ends). */
+  syncInterrupted: SyncState | undefined;
+  /** The checkpoint marking the end of protection, when one could be taken (not during a sync). */
+  endCheckpoint: string | undefined;
 }
 
 export class Appliance {
@@ -79,6 +107,9 @@ export class Appliance {
   private readonly views = new Map<string, { group: string; volume: string; view: RecoveryView; at: ViewPoint }>();
   private viewNumber = 0;
   private stopped = false;
+  private unprotectedVolumes: UnprotectedVolumesState = { version: 1, volumes: {} };
+  /** Protection changes (add, remove) run one after another. */
+  private protectionChanges: Promise<unknown> = Promise.resolve();
   readonly addresses: ApplianceStatus['addresses'] = { control: '' };
 
   private constructor(options: ApplianceOptions, identity: TlsIdentity) {
@@ -113,8 +144,9 @@ export class Appliance {
     const config = this.config;
     for (const volume of config.volumes) {
       const file = FileBackingStore.open({ path: volume.path, readOnly: false, createSizeBytes: volume.sizeBytes });
-      this.volumes.set(volume.name, { name: volume.name, path: volume.path, file });
+      this.volumes.set(volume.name, { name: volume.name, path: volume.path, file, switch: new VolumeSwitch(file) });
     }
+    this.unprotectedVolumes = (await readStateFile<UnprotectedVolumesState>(this.fileSystem, this.unprotectedVolumesPath())) ?? { version: 1, volumes: {} };
     if (config.receive) {
       for (const group of config.receive.groups) {
         const target = await TargetGroup.open({
@@ -200,16 +232,56 @@ export class Appliance {
       });
   }
 
-  /** Starts protecting a group of this appliance's volumes (from the file or the control API). */
-  async addSource(protect: ProtectConfig): Promise<SourceGroup> {
+  private unprotectedVolumesPath(): string {
+    return path.join(this.options.dataDirectory, unprotectedVolumesFileName);
+  }
+
+  /** Records (durably) that these volumes are about to be served without protection. */
+  private async noteServedUnprotected(names: string[]): Promise<void> {
+    const fresh = names.filter((name) => this.unprotectedVolumes.volumes[name] === undefined);
+    if (fresh.length === 0) return;
+    const volumes = { ...this.unprotectedVolumes.volumes };
+    for (const name of fresh) volumes[name] = { sinceMs: this.scheduler.nowMs() };
+    const next: UnprotectedVolumesState = { version: 1, volumes };
+    await writeStateFile(this.fileSystem, this.unprotectedVolumesPath(), next);
+    this.unprotectedVolumes = next;
+  }
+
+  private async clearServedUnprotected(names: string[]): Promise<void> {
+    if (!names.some((name) => this.unprotectedVolumes.volumes[name] !== undefined)) return;
+    const volumes = { ...this.unprotectedVolumes.volumes };
+    for (const name of names) delete volumes[name];
+    const next: UnprotectedVolumesState = { version: 1, volumes };
+    await writeStateFile(this.fileSystem, this.unprotectedVolumesPath(), next);
+    this.unprotectedVolumes = next;
+  }
+
+  /** Runs protection changes one at a time. */
+  private serially<T>(change: () => Promise<T>): Promise<T> {
+    const done = this.protectionChanges.then(change);
+    this.protectionChanges = done.catch(() => undefined);
+    return done;
+  }
+
+  /**
+   * Starts protecting a group of this appliance's volumes (from the file or the control API), also
+   * while they are served: clients stay connected, and the group's first sync sees every write.
+   */
+  addSource(protect: ProtectConfig): Promise<SourceGroup> {
+    return this.serially(() => this.addSourceNow(protect));
+  }
+
+  private async addSourceNow(protect: ProtectConfig): Promise<SourceGroup> {
+    if (this.stopped) throw new Error(`Cannot protect group '${protect.group}' as the appliance is stopping`);
     if (this.sources.has(protect.group)) throw new Error(`Group '${protect.group}' is already protected by this appliance`);
     const volumeConfigs = this.config.volumes;
     checkProtectVolumes([...[...this.sources.values()].map((source) => source.config), protect], volumeConfigs);
-    if (this.nbd && protect.volumes.some((name) => this.nbd!.exports.some((config) => config.name === name))) {
-      // The NBD server's exports are fixed once it runs; a volume must be protected before it is served.
-      throw new Error(`Cannot protect group '${protect.group}' while its volumes are served unprotected; restart the appliance with the group in its configuration`);
+    const servedUnprotected: { volume: string; sinceMs: number }[] = [];
+    for (const name of protect.volumes) {
+      const entry = this.unprotectedVolumes.volumes[name];
+      if (entry) servedUnprotected.push({ volume: name, sinceMs: entry.sinceMs });
     }
-    const group = await SourceGroup.start({
+    const group = await SourceGroup.open({
       config: protect,
       site: this.config.appliance.site,
       appliance: this.config.appliance.name,
@@ -220,20 +292,71 @@ export class Appliance {
       connect: this.connector(protect),
       applianceRateLimit: this.rateLimit,
       logger: this.logger,
+      servedUnprotected,
     });
+    // Every write that went to a volume beside the tap completes before the group's first sync read.
+    const switched: ServedVolume[] = [];
+    try {
+      for (const name of protect.volumes) {
+        const volume = this.volumes.get(name)!;
+        await volume.switch.switchTo(group.exports.get(name)!);
+        switched.push(volume);
+      }
+    } catch (error) {
+      for (const volume of switched) await volume.switch.switchTo(volume.file);
+      await group.stop(0);
+      throw error;
+    }
+    group.begin();
     this.sources.set(protect.group, group);
+    // The group's state now owes what the unprotected service requires (see SourceGroup.open).
+    await this.clearServedUnprotected(protect.volumes);
+    if (this.nbd) this.logger.info('protection started', { group: protect.group, volumes: protect.volumes, servedUnprotected: servedUnprotected.map((entry) => entry.volume) });
     return group;
+  }
+
+  /**
+   * Ends the protection of a group while its volumes stay served: new writes go to the files
+   * directly, the group waits up to `drainMs` for the target to acknowledge what it queued, and
+   * stops. Its state is kept, so a later protection of the same volumes starts with a delta sync
+   * rather than a full one.
+   */
+  removeSource(groupName: string, drainMs: number): Promise<ProtectionRemoved> {
+    return this.serially(async () => {
+      const group = this.sources.get(groupName);
+      if (!group) throw new Error(`Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
+      const names = group.config.volumes;
+      await this.noteServedUnprotected(names);
+      // A quiesce holds write completions, which the switch waits for.
+      group.release();
+      for (const name of names) {
+        const volume = this.volumes.get(name)!;
+        await volume.switch.switchTo(volume.file);
+      }
+      let endCheckpoint: string | undefined;
+      try {
+        endCheckpoint = group.checkpoint('protection-end', 'protection removed').id;
+      } catch {
+        // A sync runs: no point of the group is consistent at the target until a later sync ends.
+      }
+      const stopped = await group.stop(drainMs);
+      this.sources.delete(groupName);
+      const removed: ProtectionRemoved = { group: groupName, volumes: [...names], ...stopped, endCheckpoint };
+      this.logger.info('protection removed', { ...removed });
+      return removed;
+    });
   }
 
   private async startNbd(listen: { host: string; port: number }): Promise<void> {
     const exports: ExportConfig[] = [];
+    const unprotected: string[] = [];
     for (const volume of this.volumes.values()) {
-      let store: BackingStore = volume.file;
-      for (const source of this.sources.values()) store = source.exports.get(volume.name) ?? store;
-      exports.push({ name: volume.name, store, description: `Lifeline volume ${volume.name}` });
+      if (volume.switch.store === volume.file) unprotected.push(volume.name);
+      exports.push({ name: volume.name, store: volume.switch, description: `Lifeline volume ${volume.name}` });
     }
     // A target serves recovery views on the same server, added while it runs.
     if (exports.length === 0 && this.targets.size === 0) return;
+    await this.noteServedUnprotected(unprotected);
     this.nbd = new NbdServer({ exports, logger: this.logger, allowNoExports: true });
     const address = await this.nbd.listen({ host: listen.host, port: listen.port });
     this.addresses.nbd = formatAddress(address);

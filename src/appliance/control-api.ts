@@ -6,11 +6,13 @@
  *
  *   GET    /v1/status                          appliance, volumes, every group
  *   GET    /v1/groups/:group                   one group (source or target role)
- *   POST   /v1/protect                         add protection (a ProtectConfig)
+ *   POST   /v1/protect                         add protection (a ProtectConfig), also to volumes being served
+ *   DELETE /v1/groups/:group                   {"drainMs": N} remove protection; the volumes stay served
  *   PUT    /v1/rate                            {"bytesPerSecond": N} the appliance's limit (0: none)
  *   PUT    /v1/groups/:group/rate              {"bytesPerSecond": N} a group's limit
  *   POST   /v1/groups/:group/quiesce           {"timeoutMs": N} hold write completions
  *   POST   /v1/groups/:group/release           end the hold
+ *   POST   /v1/groups/:group/sync                {"mode": "delta"} compare every block with the target
  *   POST   /v1/groups/:group/checkpoint        {"kind": "tagged", "name": "..."} marker into the stream
  *   GET    /v1/groups/:group/checkpoints       checkpoints in the target's journal
  *   POST   /v1/groups/:group/views             {"volume", "checkpoint"|"timeMs"|"latest"} export a recovery view over NBD
@@ -20,7 +22,7 @@
 import * as http from 'node:http';
 import type { Logger } from '../util/logger.js';
 import { formatAddress } from '../util/address.js';
-import type { Appliance } from './appliance.js';
+import { stopDrainMsMax, type Appliance } from './appliance.js';
 import { ConfigError, parseProtectConfig } from './config.js';
 import type { ViewPoint } from '../journal/journal.js';
 
@@ -28,6 +30,8 @@ import type { ViewPoint } from '../journal/journal.js';
 const latestTimeMs = 8_640_000_000_000_000;
 /** Scratch space a view gets for test writes unless the request says otherwise. */
 export const viewScratchBytesDefault = 1024 * 1024 * 1024;
+/** Longest a removal of protection may wait for the target to acknowledge what is queued. */
+export const removeDrainMsMax = 600_000;
 /** Largest request body the API reads. */
 export const requestBodyBytesMax = 64 * 1024;
 
@@ -138,6 +142,13 @@ export class ControlApi {
           throw new ApiError(409, 'cannot-protect', (error as Error).message);
         }
       }
+      case 'DELETE /groups/:group': {
+        if (!source && target) throw new ApiError(409, 'cannot-unprotect', `Appliance '${appliance.config.appliance.name}' receives group '${groupName}'; protection is removed at its source appliance`);
+        needSource();
+        const body = (await readBody(request)) as Record<string, unknown>;
+        const drainMs = body['drainMs'] === undefined ? stopDrainMsMax : numberField(body, 'drainMs', 0, removeDrainMsMax);
+        return await appliance.removeSource(groupName!, drainMs);
+      }
       case 'PUT /rate': {
         const bytesPerSecond = numberField(await readBody(request), 'bytesPerSecond', 0);
         appliance.rateLimit.setRate(bytesPerSecond);
@@ -166,7 +177,7 @@ export class ControlApi {
         const body = (await readBody(request)) as Record<string, unknown>;
         if (body['mode'] !== 'delta') throw new ApiError(400, 'bad-request', `'mode' must be 'delta' (compare every block with the target by checksum and ship the ones that differ)`);
         try {
-          return { group: group.name, sync: group.requestDeltaSync('requested through the control API') };
+          return { group: group.name, sync: await group.requestDeltaSync('requested through the control API') };
         } catch (error) {
           throw new ApiError(409, 'cannot-sync', (error as Error).message);
         }

@@ -14,7 +14,11 @@
  *   - nothing, after a clean stop (the dirty-region log is empty);
  *   - the regions of the dirty-region log, after a crash (bitmap resync);
  *   - the whole volume, the first time the group is protected or when an
- *     initial sync never finished (initial sync).
+ *     initial sync never finished (initial sync);
+ *   - every block that differs from the target (delta sync), when the state
+ *     owes one: the dirty-region log was damaged, a volume was served without
+ *     protection since the group last ran, or an operator asked, and the end of
+ *     that delta sync has not been acknowledged yet.
  * A sync reads through the tap (`readForSync`), so its reads take their place
  * in the stream between the guest's writes and the target applies both in the
  * right order. While a sync runs the group is not consistent at the target:
@@ -97,6 +101,20 @@ export interface SourceGroupOptions {
   /** The appliance-wide bandwidth limit (shared by every group). */
   applianceRateLimit: TokenBucket;
   logger: Logger;
+  /**
+   * Volumes of the group that the appliance served without protection since the group last ran
+   * (the group's state cannot account for their writes): a group past its initial sync owes a
+   * delta sync of every volume.
+   */
+  servedUnprotected?: { volume: string; sinceMs: number }[];
+}
+
+/** What a sync's acknowledged end settles in the group's state. */
+interface SyncSettles {
+  /** The initial sync is done. */
+  initial: boolean;
+  /** The delta sync the state owes is done. */
+  delta: boolean;
 }
 
 interface SourceGroupState {
@@ -104,6 +122,13 @@ interface SourceGroupState {
   createdMs: number;
   /** The first full sync reached the end; until then every start syncs the whole volume again. */
   initialSyncDone: boolean;
+  /**
+   * Why a delta sync of every volume is owed (the dirty-region log was damaged, a volume was served
+   * without protection, an operator asked), until the end of one is acknowledged: a start while it
+   * is owed runs it again, since a delta sync leaves no trace in the dirty-region log of the blocks
+   * it has not compared yet.
+   */
+  deltaSyncOwed?: string;
 }
 
 /** Holds new write completions while a quiesce is on (the checkpoint engine's hold). */
@@ -201,8 +226,8 @@ export class SourceGroup {
   private deltaAnswered = true;
   /** Checksum requests sent ahead for the pieces a delta sync works on next, by `volume:offset:length`. */
   private readonly deltaAhead = new Map<string, Promise<Buffer>>();
-  /** Why the dirty-region log was found damaged at open (a delta sync of every volume is owed). */
-  private dirtyLogDamaged: string | undefined;
+  /** A delta sync was asked for and is being recorded as owed (a second request is refused meanwhile). */
+  private deltaRequested = false;
   /**
    * Source time of the oldest write the queue discarded (bitmap mode) whose resync has not been
    * acknowledged yet: the RPO counts it, since the target has no newer copy of that region.
@@ -212,12 +237,12 @@ export class SourceGroup {
   private resyncOldestClearAt: number | undefined;
   /**
    * A sync ended after the queue had discarded entries: the next resync must run (with the discarded
-   * ranges, or none) so that its end settles this one's regions in the dirty-region log; `initial` when
-   * it also completes the initial sync.
+   * ranges, or none) so that its end settles this one's regions in the dirty-region log, and what
+   * this one would have settled in the group's state (the initial sync, an owed delta sync).
    */
-  private resyncFollowUp: { initial: boolean } | undefined;
-  /** The initial sync's end marker: the initial sync is done (and persisted so) once it is acknowledged. */
-  private initialSyncEndSequence: number | undefined;
+  private resyncFollowUp: SyncSettles | undefined;
+  /** A sync's end marker, and what its acknowledgement settles in the group's state (persisted then). */
+  private syncEndPending: { sequence: number; settles: SyncSettles } | undefined;
   private stateWriting: Promise<void> = Promise.resolve();
   private maintenanceTimer: ReturnType<Scheduler['setTimer']> | undefined;
   /**
@@ -278,7 +303,21 @@ export class SourceGroup {
     });
   }
 
+  /** Opens and begins the group (see `open` and `begin`). */
   static async start(options: SourceGroupOptions): Promise<SourceGroup> {
+    const group = await SourceGroup.open(options);
+    group.begin();
+    return group;
+  }
+
+  /**
+   * Opens the group's state, dirty-region log and queue, and builds its stores (`exports`), without
+   * shipping or syncing yet: an appliance that already serves the volumes switches their exports to
+   * these stores first, then calls `begin`, so that no sync read can miss a write made beside the tap.
+   * Records in the group's state, before anything else, a delta sync owed for a damaged dirty-region
+   * log or for volumes served without protection.
+   */
+  static async open(options: SourceGroupOptions): Promise<SourceGroup> {
     const { fileSystem, directory } = options;
     await fileSystem.mkdir(directory);
     const statePath = path.join(directory, 'state.json');
@@ -314,11 +353,29 @@ export class SourceGroup {
       clock: options.scheduler,
     });
     const group = new SourceGroup(options, queue, dirtyLog, state);
-    group.dirtyLogDamaged = dirtyLogDamaged;
-    group.shipper.start();
-    group.beginSyncIfNeeded();
-    group.maintain();
+    const unprotected = options.servedUnprotected ?? [];
+    let owed: string | undefined;
+    if (dirtyLogDamaged !== undefined) owed = `the dirty-region log could not be trusted after a crash (${dirtyLogDamaged})`;
+    else if (unprotected.length > 0) {
+      const since = Math.min(...unprotected.map((entry) => entry.sinceMs));
+      owed = `volume${unprotected.length > 1 ? 's' : ''} ${unprotected.map((entry) => `'${entry.volume}'`).join(', ')} served without protection since ${new Date(since).toISOString()}`;
+    }
+    if (owed !== undefined && state.initialSyncDone) {
+      try {
+        await group.oweDeltaSync(owed);
+      } catch (error) {
+        await group.close();
+        throw error;
+      }
+    }
     return group;
+  }
+
+  /** Starts shipping, and the sync the group's state owes. */
+  begin(): void {
+    this.shipper.start();
+    this.beginSyncIfNeeded();
+    this.maintain();
   }
 
   /** The tap's events, in order per volume. */
@@ -388,22 +445,32 @@ export class SourceGroup {
       } else if (this.syncRetry && !this.syncActive && this.options.scheduler.nowMs() >= this.syncRetry.atMs) {
         const retry = this.syncRetry;
         this.syncRetry = undefined;
-        this.startSync(this.sync.state === 'in-sync' ? 'resync' : this.sync.state, this.sync.reason ?? 'retry', retry.regions, retry.initial);
+        this.startSync(this.sync.state === 'in-sync' ? 'resync' : this.sync.state, this.sync.reason ?? 'retry', retry.regions, retry.settles);
       } else if ((this.resyncPending.length > 0 || this.resyncFollowUp) && this.sync.state === 'in-sync' && !this.syncActive) {
         const regions = this.resyncPending;
-        const initial = this.resyncFollowUp?.initial ?? false;
+        const settles = this.resyncFollowUp ?? { initial: false, delta: false };
         this.resyncPending = [];
         this.resyncFollowUp = undefined;
-        this.startSync('resync', this.resyncPendingReason ?? 'the previous sync ended after the queue discarded entries', regions, initial);
+        this.startSync('resync', this.resyncPendingReason ?? 'the previous sync ended after the queue discarded entries', regions, settles);
         this.resyncPendingReason = undefined;
+      } else if (this.deltaSyncWaiting()) {
+        const everything = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
+        this.startSync('delta-sync', this.state.deltaSyncOwed!, everything, { initial: false, delta: true });
       }
     } finally {
       this.maintenanceTimer = this.options.scheduler.setTimer(maintenanceIntervalMs, () => this.maintain());
     }
   }
 
+  /** The group's state owes a delta sync that neither runs nor waits for an acknowledgement, and nothing else runs. */
+  private deltaSyncWaiting(): boolean {
+    if (this.state.deltaSyncOwed === undefined || !this.state.initialSyncDone || this.deltaRequested) return false;
+    if (this.syncActive || this.sync.state !== 'in-sync' || this.syncRetry || this.resyncFollowUp || this.resyncPending.length > 0) return false;
+    return !this.syncEndPending?.settles.delta;
+  }
+
   private sessionChanging = false;
-  private syncRetry: { regions: { volume: number; offset: number; lengthBytes: number }[]; initial: boolean; atMs: number } | undefined;
+  private syncRetry: { regions: { volume: number; offset: number; lengthBytes: number }[]; settles: SyncSettles; atMs: number } | undefined;
   private syncActive = false;
 
   private async newSessionAfterBitmap(): Promise<void> {
@@ -419,11 +486,12 @@ export class SourceGroup {
       // The new session's WELCOME acknowledges the discarded sequences: their regions must be owed a resync
       // in the dirty-region log before (the resync of the discarded ranges clears them when it ends).
       this.dirtyLog.beginResync();
-      if (this.initialSyncEndSequence !== undefined) {
-        // The initial sync's end was not acknowledged, so the queue discarded part of it: the resync of the
-        // discarded ranges completes the initial sync.
-        this.initialSyncEndSequence = undefined;
-        this.resyncFollowUp = { initial: true };
+      if (this.syncEndPending !== undefined) {
+        // The end of an initial or delta sync was not acknowledged, so the queue discarded part of it: the
+        // resync of the discarded ranges settles what that sync would have.
+        const { settles } = this.syncEndPending;
+        this.syncEndPending = undefined;
+        this.resyncFollowUp = { initial: settles.initial || (this.resyncFollowUp?.initial ?? false), delta: settles.delta || (this.resyncFollowUp?.delta ?? false) };
       }
       this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
       this.shipper = this.makeShipper(regions.sequenceDiscardedLast >= regions.sequenceDiscardedFirst ? regions.sequenceDiscardedLast : this.queue.sequenceLast);
@@ -453,37 +521,52 @@ export class SourceGroup {
   }
 
   private beginSyncIfNeeded(): void {
+    const everything = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
     if (!this.state.initialSyncDone) {
-      const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
-      this.startSync('initial-sync', 'the group has not completed an initial sync', regions, true);
+      this.startSync('initial-sync', 'the group has not completed an initial sync', everything, { initial: true, delta: true });
       return;
     }
-    if (this.dirtyLogDamaged !== undefined) {
-      const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
-      this.startSync('delta-sync', `the dirty-region log could not be trusted after a crash (${this.dirtyLogDamaged})`, regions, false);
-      this.dirtyLogDamaged = undefined;
+    if (this.state.deltaSyncOwed !== undefined) {
+      this.startSync('delta-sync', this.state.deltaSyncOwed, everything, { initial: false, delta: true });
       return;
     }
     const dirty = this.dirtyLog.dirtyRegions();
     if (dirty.length > 0) {
-      this.startSync('resync', 'the dirty-region log holds regions the target never acknowledged (the appliance stopped without draining)', dirty, false);
+      this.startSync('resync', 'the dirty-region log holds regions the target never acknowledged (the appliance stopped without draining)', dirty, { initial: false, delta: false });
     }
   }
 
-  private startSync(state: SyncState, reason: string, regions: { volume: number; offset: number; lengthBytes: number }[], initial: boolean): void {
+  /** Persists that a delta sync of every volume is owed (before it starts, so that a crash during it runs it again). */
+  private async oweDeltaSync(reason: string): Promise<void> {
+    this.state = { ...this.state, deltaSyncOwed: reason };
+    await this.writeState('a delta sync is owed');
+  }
+
+  /** Queues a write of the group's state file after the ones before it; resolves once it is durable. */
+  private writeState(what: string): Promise<void> {
+    const state = this.state;
+    const written = this.stateWriting.then(() => writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), state));
+    this.stateWriting = written.then(
+      () => undefined,
+      (error: unknown) => this.options.logger.error('cannot persist the group state', { group: this.name, what, error: (error as Error).message }),
+    );
+    return written;
+  }
+
+  private startSync(state: SyncState, reason: string, regions: { volume: number; offset: number; lengthBytes: number }[], settles: SyncSettles): void {
     let bytesTotal = 0;
     for (const region of regions) bytesTotal += region.lengthBytes;
     this.sync = { state, reason, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, rateBytesPerSecond: 0, etaMs: undefined, startedMs: this.options.scheduler.nowMs() };
     if (state === 'delta-sync') this.sync.delta = { bytesMatched: 0, bytesShipped: 0, piecesShippedWhole: 0 };
     this.options.logger.info('sync started', { group: this.name, state, reason, bytesTotal });
     this.syncActive = true;
-    this.syncRunning = this.runSync(regions, initial)
+    this.syncRunning = this.runSync(regions, settles)
       .catch((error: unknown) => {
         // The sync starts again from its beginning after a pause; until it ends the group stays in its sync state.
         const message = (error as Error).message;
         this.options.logger.error('sync failed; it will start again', { group: this.name, error: message, retryMs: syncRetryDelayMs });
         this.sync.reason = `${this.sync.state} failed (${message}); it starts again in ${syncRetryDelayMs} ms`;
-        this.syncRetry = { regions, initial, atMs: this.options.scheduler.nowMs() + syncRetryDelayMs };
+        this.syncRetry = { regions, settles, atMs: this.options.scheduler.nowMs() + syncRetryDelayMs };
       })
       .finally(() => {
         this.syncActive = false;
@@ -491,12 +574,12 @@ export class SourceGroup {
       });
   }
 
-  private async runSync(regions: { volume: number; offset: number; lengthBytes: number }[], initial: boolean): Promise<void> {
+  private async runSync(regions: { volume: number; offset: number; lengthBytes: number }[], settles: SyncSettles): Promise<void> {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
     const bitmapEpisodes = this.queue.stats().bitmapEpisodes;
     // The marker names the sync: the target marks the stretch up to sync-end as not consistent, from the start for an initial sync.
-    this.pushMarker('sync-begin', initial ? 'initial-sync' : this.sync.state);
+    this.pushMarker('sync-begin', settles.initial ? 'initial-sync' : this.sync.state);
     for (const region of regions) {
       const tap = this.taps.get(region.volume);
       if (!tap) continue;
@@ -538,36 +621,38 @@ export class SourceGroup {
       // The queue discarded entries while this sync ran (some of its reads, or its end): the discarded ranges
       // are resynced next, so this sync's regions stay owed in the dirty-region log until that resync ends,
       // and an initial sync is not done until then either.
-      this.resyncFollowUp = { initial: initial || (this.resyncFollowUp?.initial ?? false) };
+      this.resyncFollowUp = { initial: settles.initial || (this.resyncFollowUp?.initial ?? false), delta: settles.delta || (this.resyncFollowUp?.delta ?? false) };
       this.options.logger.warn('sync ended after the queue discarded entries; the discarded ranges are resynced next', { group: this.name, state: this.sync.state });
     } else {
-      // The regions are clean, and the initial sync done, once the end marker is acknowledged.
+      // The regions are clean, and the initial (or owed delta) sync done, once the end marker is acknowledged.
       this.dirtyLog.endResync(resyncToken, end.sequence);
-      if (initial) this.initialSyncEndSequence = end.sequence;
+      if (settles.initial || settles.delta) this.syncEndPending = { sequence: end.sequence, settles };
       if (this.resyncOldestTimeMs !== undefined && this.resyncPending.length === 0 && !this.resyncFollowUp) this.resyncOldestClearAt = end.sequence;
     }
     this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal, ...(this.sync.delta ? { delta: this.sync.delta } : {}) });
     this.sync = { ...this.sync, state: 'in-sync', bytesLeft: 0, etaMs: 0 };
   }
 
-  /** The target holds every entry up to `sequence`: an initial sync whose end it covers is done. */
+  /** The target holds every entry up to `sequence`: an initial or owed delta sync whose end it covers is done. */
   private acknowledged(sequence: number): void {
     if (this.resyncOldestClearAt !== undefined && sequence >= this.resyncOldestClearAt) {
       this.resyncOldestTimeMs = undefined;
       this.resyncOldestClearAt = undefined;
     }
-    const end = this.initialSyncEndSequence;
-    if (end === undefined || sequence < end) return;
-    this.initialSyncEndSequence = undefined;
-    this.state = { ...this.state, initialSyncDone: true };
-    const state = this.state;
-    this.stateWriting = this.stateWriting
-      .then(() => writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), state))
-      .then(
-        () => this.options.logger.info('initial sync acknowledged by the target', { group: this.name, sequence: end }),
-        // Not persisted: the next start syncs the whole volume again, which is safe.
-        (error: unknown) => this.options.logger.error('cannot persist the end of the initial sync', { group: this.name, error: (error as Error).message }),
-      );
+    const pending = this.syncEndPending;
+    if (pending === undefined || sequence < pending.sequence) return;
+    this.syncEndPending = undefined;
+    const { settles } = pending;
+    const next = { ...this.state };
+    if (settles.initial) next.initialSyncDone = true;
+    if (settles.delta) delete next.deltaSyncOwed;
+    if (next.initialSyncDone === this.state.initialSyncDone && next.deltaSyncOwed === this.state.deltaSyncOwed) return;
+    this.state = next;
+    // Not persisted (an error is logged): the next start runs the sync again, which is safe.
+    void this.writeState(settles.initial ? 'the end of the initial sync' : 'the end of the owed delta sync').then(
+      () => this.options.logger.info(settles.initial ? 'initial sync acknowledged by the target' : 'delta sync acknowledged by the target', { group: this.name, sequence: pending.sequence }),
+      () => undefined,
+    );
   }
 
   /**
@@ -652,13 +737,23 @@ export class SourceGroup {
    * Starts a delta sync of every volume (on demand, or when the dirty-region log cannot be
    * trusted). Refused while another sync runs or waits, and before the initial sync is done.
    */
-  requestDeltaSync(reason: string): SyncProgress {
+  async requestDeltaSync(reason: string): Promise<SyncProgress> {
     if (!this.state.initialSyncDone) throw new Error(`group '${this.name}' has not completed its initial sync; that sync ships every block anyway`);
-    if (this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync') {
+    const busy = (): boolean => this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync' || this.deltaRequested;
+    if (busy()) {
       throw new Error(`group '${this.name}' is in ${this.syncStatus().state} (${this.syncStatus().reason ?? 'no reason given'}); a delta sync can start once it is in sync`);
     }
+    // Owed first, durably: a crash before its end runs it again at the next start.
+    this.deltaRequested = true;
+    try {
+      await this.oweDeltaSync(reason);
+    } finally {
+      this.deltaRequested = false;
+    }
+    if (this.stopping) throw new Error(`group '${this.name}' is stopping; the delta sync runs at its next start`);
+    if (busy()) return this.syncStatus();
     const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
-    this.startSync('delta-sync', reason, regions, false);
+    this.startSync('delta-sync', reason, regions, { initial: false, delta: true });
     return this.syncStatus();
   }
 
@@ -711,6 +806,11 @@ export class SourceGroup {
   /** The sync state, counting a resync that waits to start (the group is not in sync until it has run). */
   private syncStatus(): SyncProgress {
     const waiting = this.resyncPending.length > 0 || this.resyncFollowUp !== undefined || this.syncRetry !== undefined;
+    if (this.sync.state === 'in-sync' && !waiting && this.deltaSyncWaiting()) {
+      let bytesTotal = 0;
+      for (const volume of this.options.volumes) bytesTotal += volume.file.sizeBytes;
+      return { state: 'delta-sync', reason: `${this.state.deltaSyncOwed} (waiting to start)`, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, rateBytesPerSecond: 0, etaMs: undefined, startedMs: undefined };
+    }
     if (this.sync.state !== 'in-sync' || !waiting) return { ...this.sync };
     let bytesLeft = 0;
     for (const region of this.syncRetry?.regions ?? this.resyncPending) bytesLeft += region.lengthBytes;
@@ -752,16 +852,24 @@ export class SourceGroup {
    * Stops the group: waits up to `drainMs` for the target to acknowledge everything queued (so that
    * the next start need not resync), then stops the shipper and persists the dirty-region log.
    */
-  async stop(drainMs: number): Promise<void> {
+  async stop(drainMs: number): Promise<{ entriesNotAcknowledged: number; bytesNotAcknowledged: number; syncInterrupted: SyncState | undefined }> {
     this.stopping = true;
     this.maintenanceTimer?.cancel();
     this.release();
+    const syncInterrupted = this.syncActive ? this.sync.state : undefined;
     await this.syncRunning;
     const deadline = this.options.scheduler.nowMs() + drainMs;
     while (this.queue.stats().queuedEntries > 0 && this.options.scheduler.nowMs() < deadline) {
       await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
     }
     await this.shipper.stop();
+    const queued = this.queue.stats();
+    await this.close();
+    return { entriesNotAcknowledged: queued.queuedEntries, bytesNotAcknowledged: queued.queuedBytes, syncInterrupted };
+  }
+
+  /** Closes the state, the dirty-region log (its regions kept for the next start) and the queue. */
+  private async close(): Promise<void> {
     await this.stateWriting;
     await this.dirtyLog.flushClears();
     await this.dirtyLog.close();

@@ -22,6 +22,8 @@ export interface TwoSites {
   /** Where the source ships to (change it to route through a fault proxy before starting the source). */
   replicationPort: number;
   volumeBytes: number;
+  /** The source's `protect` entry for group pg1 (in its configuration unless `protect: false`; the body of POST /v1/protect). */
+  protectEntry: Record<string, unknown>;
 }
 
 export interface TwoSitesOptions {
@@ -36,6 +38,8 @@ export interface TwoSitesOptions {
   codec?: string;
   /** The target's journal datastore capacity (default 4 GiB). */
   datastoreCapacityBytes?: number;
+  /** false: the source's configuration serves disk0 without protecting it (default true). */
+  protect?: boolean;
 }
 
 export async function makeTwoSites(dir: string, options: TwoSitesOptions = {}): Promise<TwoSites> {
@@ -47,23 +51,22 @@ export async function makeTwoSites(dir: string, options: TwoSitesOptions = {}): 
   fs.mkdirSync(sourceDataDir, { recursive: true });
   fs.mkdirSync(path.join(targetDataDir, 'journal'), { recursive: true });
   const certs = path.join(dir, 'certs');
+  const protectEntry = {
+    group: 'pg1',
+    volumes: ['disk0'],
+    target: { address: `127.0.0.1:${options.sourceTargetPort ?? replicationPort}`, appliance: 'site-b-appliance' },
+    codec: options.codec ?? 'lz4',
+    rpoMsTarget: '5s',
+    rateLimitBytesPerSecond: options.rateLimitBytesPerSecond ?? 0,
+    queue: { memoryBytesMax: options.memoryBytesMax ?? 64 * MiB, spillBytesMax: options.spillBytesMax ?? 256 * MiB },
+  };
   const sourceConfig = {
     appliance: { name: 'site-a-appliance', site: 'site-a' },
     control: { listen: '127.0.0.1:0' },
     tls: { cert: `${certs}/site-a/site-a-appliance.crt`, key: `${certs}/site-a/site-a-appliance.key`, trustedCas: [`${certs}/site-b/ca.crt`] },
     nbd: { listen: '127.0.0.1:0' },
     volumes: [{ name: 'disk0', path: 'disk0.img', sizeBytes: volumeBytes }],
-    protect: [
-      {
-        group: 'pg1',
-        volumes: ['disk0'],
-        target: { address: `127.0.0.1:${options.sourceTargetPort ?? replicationPort}`, appliance: 'site-b-appliance' },
-        codec: options.codec ?? 'lz4',
-        rpoMsTarget: '5s',
-        rateLimitBytesPerSecond: options.rateLimitBytesPerSecond ?? 0,
-        queue: { memoryBytesMax: options.memoryBytesMax ?? 64 * MiB, spillBytesMax: options.spillBytesMax ?? 256 * MiB },
-      },
-    ],
+    protect: options.protect === false ? [] : [protectEntry],
   };
   const targetConfig = {
     appliance: { name: 'site-b-appliance', site: 'site-b' },
@@ -101,7 +104,15 @@ export async function makeTwoSites(dir: string, options: TwoSitesOptions = {}): 
     replicaPath: path.join(targetDataDir, 'replica-disk0.img'),
     replicationPort,
     volumeBytes,
+    protectEntry,
   };
+}
+
+/** Rewrites the source's configuration with or without its protect entry for pg1 (takes effect at its next start). */
+export function setSourceProtection(sites: TwoSites, protect: boolean): void {
+  const config = JSON.parse(fs.readFileSync(sites.sourceConfigPath, 'utf8')) as { protect: unknown[] };
+  config.protect = protect ? [sites.protectEntry] : [];
+  fs.writeFileSync(sites.sourceConfigPath, JSON.stringify(config, null, 2));
 }
 
 export interface RunningAppliance {
