@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { makeTempDir, testSeed, writeRandomFile } from '../../test/helpers.js';
+import { makeTempDir, run, testSeed, writeRandomFile } from '../../test/helpers.js';
 import type { SourceGroupStatus } from './source-group.js';
 import { withSyncMarkers, type GroupState, type TargetGroupStatus } from './target-group.js';
 import { makeTwoSites, MiB, startAppliance, waitFor } from './testing.js';
@@ -46,7 +46,7 @@ test('no view opens at a time inside a running or ended sync, nor at the initial
   });
   assert.equal(running.syncWindows[0]!.sync, 'initial-sync');
   assert.equal(running.syncWindows[0]!.endTimeMs, undefined);
-  await assert.rejects(openView({ latest: true }), /409.*inside a sync: the initial-sync of 'site-a-appliance' ran from the start of the protection to now/s);
+  await assert.rejects(openView({ latest: true }), /409.*inside a sync: the initial-sync of 'site-a-appliance' ran from the start of the protection to now \(it is still running\); no point of this volume is consistent before that initial sync ends/s);
   await assert.rejects(openView({ timeMs: Date.now() - 500 }), /409.*inside a sync/s);
   const stillRunning = await target.api<TargetGroupStatus>('GET', '/v1/groups/pg1');
   assert.equal(stillRunning.syncWindows[0]!.endTimeMs, undefined, 'the sync had not ended at the target when the views were refused');
@@ -76,8 +76,31 @@ test('no view opens at a time inside a running or ended sync, nor at the initial
   await assert.rejects(openView({ timeMs: window.endTimeMs! - 1 }), /409.*inside a sync/s);
   const latest = await waitFor('a view at the latest point after the sync', 30_000, async () => openView({ latest: true }).catch(() => undefined));
   await target.api('DELETE', `/v1/groups/pg1/views/${latest.name}`);
-  await waitFor('the source to drain', 60_000, async () => {
-    const status = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
-    return status.sync.state === 'in-sync' && status.queue.queuedEntries === 0 && status.rpoMs === 0 ? true : undefined;
+  const drained = () =>
+    waitFor('the source to drain', 60_000, async () => {
+      const status = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
+      return status.sync.state === 'in-sync' && status.queue.queuedEntries === 0 && status.rpoMs === 0 ? true : undefined;
+    });
+  await drained();
+
+  // A later sync's window begins at its sync-begin: the refusal names the newest consistent point
+  // before it, and a view there opens and equals the source (nothing was written since the initial sync).
+  await source.api('POST', '/v1/groups/pg1/sync', { mode: 'delta' });
+  await drained();
+  const withDelta = await waitFor('the delta sync\'s window to close at the target', 30_000, async () => {
+    const status = await target.api<TargetGroupStatus>('GET', '/v1/groups/pg1');
+    return status.syncWindows.length === 2 && status.syncWindows[1]!.endTimeMs !== undefined ? status : undefined;
   });
+  const delta = withDelta.syncWindows[1]!;
+  assert.equal(delta.sync, 'delta-sync');
+  const refusal = await openView({ timeMs: delta.beginTimeMs }).then(
+    () => assert.fail('a view inside the delta sync opened'),
+    (error: Error) => error.message,
+  );
+  const suggested = /the newest consistent point before it is timeMs (\d+)/.exec(refusal);
+  assert.ok(suggested, refusal);
+  assert.equal(Number(suggested[1]), delta.beginTimeMs - 1);
+  const before = await openView({ timeMs: Number(suggested[1]) });
+  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', before.uri, sites.sourceVolumePath]);
+  await target.api('DELETE', `/v1/groups/pg1/views/${before.name}`);
 });

@@ -307,7 +307,10 @@ export class TargetGroup {
     const sources = new Set(this.state.streams.filter((stream) => Object.values(stream.volumes).includes(volume)).map((stream) => stream.appliance));
     for (const window of this.state.syncWindows ?? []) {
       if (sources.has(window.appliance) && window.beginTimeMs <= at.timeMs && (window.endTimeMs === undefined || at.timeMs < window.endTimeMs)) {
-        throw new RecoveryPointUnavailableError(`time ${new Date(at.timeMs).toISOString()}`, `it lies inside a sync: ${describeWindow(window)}`);
+        const before = window.beginTimeMs > 0
+          ? `; the newest consistent point before it is timeMs ${window.beginTimeMs - 1} (${new Date(window.beginTimeMs - 1).toISOString()}), while it is in the history window`
+          : '; no point of this volume is consistent before that initial sync ends';
+        throw new RecoveryPointUnavailableError(`time ${new Date(at.timeMs).toISOString()}`, `it lies inside a sync: ${describeWindow(window)}${before}`);
       }
     }
   }
