@@ -329,6 +329,10 @@ export class SourceGroup {
       directory: path.join(directory, 'dirty-log'),
       scheduler: options.scheduler,
       volumes: new Map(options.volumes.map((volume) => [volume.id, volume.file.sizeBytes])),
+      // A region is cleared only once its acknowledged writes are durable on the volume too (see dirty-log.ts).
+      flushVolumes: async () => {
+        await Promise.all(options.volumes.map((volume) => volume.file.flush()));
+      },
     };
     let dirtyLog: DirtyRegionLog;
     let dirtyLogDamaged: string | undefined;

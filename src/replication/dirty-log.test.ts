@@ -56,6 +56,11 @@ function regionsOf(ranges: DirtyRange[], regionBytes = region): string[] {
   return out.sort();
 }
 
+/** Lets the log's chain run (the simulated disk answers at once). */
+async function settle(): Promise<void> {
+  for (let turn = 0; turn < 20; turn++) await new Promise((resolve) => setImmediate(resolve));
+}
+
 async function reopenedRegions(disk: SimulatedDisk, random: () => number = Math.random, options: Partial<DirtyRegionLogOptions> = {}): Promise<string[]> {
   const image = disk.crashImage(disk.operationCount, random, { syncedOnly: true });
   const { log } = await openLog(image, options);
@@ -126,6 +131,50 @@ test('a region is clean only when every write into it is acknowledged; an open m
   log.acknowledged(4);
   await log.close();
   assert.deepEqual(await reopenedRegions(disk), [], 'close() persists pending clears');
+});
+
+test('the volumes are flushed before a clear record is written; a failed flush keeps the regions dirty and the clear is tried again later', async () => {
+  const disk = new SimulatedDisk();
+  const flushes: string[][] = [];
+  let failNext = true;
+  const { log, scheduler } = await openLog(disk, {
+    clearsFlushMs: 1000,
+    flushVolumes: async () => {
+      // What a power loss now would leave: the clear is not durable yet.
+      flushes.push(await reopenedRegions(disk));
+      if (failNext) {
+        failNext = false;
+        throw new Error('EIO');
+      }
+    },
+  });
+  await log.markDirty(1, 0, 100);
+  log.noteWritten(1, 0, 100, 1);
+  await log.markDirty(1, region, 100);
+  log.noteWritten(1, region, 100, 2);
+  log.acknowledged(2);
+  assert.equal(log.stats().clearsPending, 2);
+  scheduler.advance(1000);
+  await settle();
+  assert.deepEqual(flushes, [['1:0', '1:1']]);
+  assert.equal(log.stats().clearsDeferred, 1);
+  assert.equal(log.stats().clearBatches, 0);
+  assert.equal(log.stats().persistedRegions, 2, 'still dirty after the failed flush');
+  assert.deepEqual(await reopenedRegions(disk), ['1:0', '1:1']);
+  // Dirty again meanwhile: still durable, so the fast path holds.
+  assert.equal(log.markDirtyFast(1, region, 1), true);
+  log.noteWritten(1, region, 1, 3);
+
+  assert.equal(scheduler.pending, 1, 'the next attempt waits for a timer');
+  scheduler.advance(1000);
+  await settle();
+  assert.deepEqual(flushes[1], ['1:0', '1:1'], 'flushed before the clear record');
+  assert.equal(log.stats().clearBatches, 1);
+  assert.deepEqual(await reopenedRegions(disk), ['1:1'], 'region 0 cleared; region 1 waits for its new write');
+  log.acknowledged(3);
+  await log.close();
+  assert.equal(flushes.length, 3, 'close() flushes the volumes before the last clears');
+  assert.deepEqual(await reopenedRegions(disk), []);
 });
 
 test('clears are written at once when clearsPendingMax regions wait', async () => {
