@@ -547,9 +547,12 @@ export class SourceGroup {
   }
 
   /** Queues a write of the group's state file after the ones before it; resolves once it is durable. */
-  private writeState(what: string): Promise<void> {
+  private writeState(what: string, options: { flushVolumesFirst?: boolean } = {}): Promise<void> {
     const state = this.state;
-    const written = this.stateWriting.then(() => writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), state));
+    const written = this.stateWriting.then(async () => {
+      if (options.flushVolumesFirst) await Promise.all(this.options.volumes.map((volume) => volume.file.flush()));
+      await writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), state);
+    });
     this.stateWriting = written.then(
       () => undefined,
       (error: unknown) => this.options.logger.error('cannot persist the group state', { group: this.name, what, error: (error as Error).message }),
@@ -652,8 +655,10 @@ export class SourceGroup {
     if (settles.delta) delete next.deltaSyncOwed;
     if (next.initialSyncDone === this.state.initialSyncDone && next.deltaSyncOwed === this.state.deltaSyncOwed) return;
     this.state = next;
-    // Not persisted (an error is logged): the next start runs the sync again, which is safe.
-    void this.writeState(settles.initial ? 'the end of the initial sync' : 'the end of the owed delta sync').then(
+    // Not persisted (an error is logged): the next start runs the sync again, which is safe. The volumes
+    // are flushed first: the sync shipped what it read from the page cache, and once the state says done no
+    // later start would look at those blocks again, so they must survive a power loss at the source.
+    void this.writeState(settles.initial ? 'the end of the initial sync' : 'the end of the owed delta sync', { flushVolumesFirst: true }).then(
       () => this.options.logger.info(settles.initial ? 'initial sync acknowledged by the target' : 'delta sync acknowledged by the target', { group: this.name, sequence: pending.sequence }),
       () => undefined,
     );
