@@ -413,6 +413,8 @@ export class Appliance {
     this.stopped = true;
     this.tickTimer?.cancel();
     await this.control?.close();
+    // A protection change under way finishes first (a new one is refused now), so no group is left half started.
+    await this.protectionChanges;
     if (this.nbd) await this.nbd.close();
     for (const name of [...this.views.keys()]) await this.closeView(name);
     await Promise.all([...this.sources.values()].map((source) => source.stop(stopDrainMsMax)));
