@@ -45,6 +45,12 @@
  *   Its region, cleared, would then never be resynced, and the replica would
  *   silently differ from what the restarted guest sees. One flush covers every
  *   clear of a batch, so the cost is one fdatasync per `clearsFlushMs` (30 s).
+ *   The flush runs beside the log's chain, so a mark never waits for it; a
+ *   region written while it runs is left for the next round. A flush that
+ *   fails keeps every region that may hold a write it missed dirty until the
+ *   log is opened again (`pinnedRegions`): after a failed write-back Linux
+ *   marks the pages clean, so a later flush that succeeds proves nothing
+ *   about them, and only the resync at the next start does.
  *
  * Persistence: an append-only log with compaction, chosen by measurement. One
  * file `dirty-regions.log` of self-checking records (magic, CRC-32C, length,
@@ -132,8 +138,9 @@ export interface DirtyRegionLogOptions {
    * Makes every write that completed on the source volumes so far durable there (fdatasync);
    * called before a clear record is written. Without it, a power loss at the source after a clear
    * could lose from the volume a write the target holds, in a region no resync would visit: the
-   * replica would silently hold data the source no longer has. When it fails, the regions stay
-   * dirty and their clear is tried again later.
+   * replica would silently hold data the source no longer has. When it fails, every region that
+   * may hold a write it did not make durable stays dirty until the log is opened again (a later
+   * flush that succeeds does not vouch for writes an earlier one failed to write back).
    */
   flushVolumes?: () => Promise<void>;
 }
@@ -158,8 +165,15 @@ export interface DirtyRegionLogStats {
   /** Log writes that each made a batch of marks durable (one sync each). */
   markBatches: number;
   clearBatches: number;
-  /** Clear batches put off because the volumes could not be flushed (their regions stayed dirty). */
+  /** Clear batches refused because the volumes could not be flushed. */
   clearsDeferred: number;
+  /**
+   * Regions kept dirty until the next start (which resyncs them) because a flush of the volumes
+   * failed while they may have held a write it did not make durable.
+   */
+  pinnedRegions: number;
+  /** The last failed flush of the volumes, if any. */
+  volumeFlushError: string | undefined;
   compactions: number;
   logBytes: number;
   sequenceAcknowledged: number;
@@ -248,6 +262,13 @@ export class DirtyRegionLog {
   private recordIndexNext = 0;
   private writing: MarkBatch | undefined;
   private collecting: MarkBatch | undefined;
+  /** Regions kept dirty until the log is opened again (see `pinnedRegions`). */
+  private readonly pinned = new Set<number>();
+  /** While a flush of the volumes for a clear runs: the regions written meanwhile (their new writes may not be covered). */
+  private touchedDuringFlush: Set<number> | undefined;
+  private volumeFlushError: string | undefined;
+  /** Rounds of clears (a flush of the volumes, then a clear record on `chain`) run one at a time. */
+  private clearsChain: Promise<void> = Promise.resolve();
   /** Every log write runs on this chain, one at a time, in order. */
   private chain: Promise<void> = Promise.resolve();
   private clearTimer: Timer | undefined;
@@ -454,8 +475,8 @@ export class DirtyRegionLog {
     this.clearTimer?.cancel();
     this.clearTimer = undefined;
     if (this.failure) throw this.failure;
-    const job = this.chain.then(() => this.writeClears());
-    this.chain = job.catch(() => undefined);
+    const job = this.clearsChain.then(() => this.writeClears());
+    this.clearsChain = job.catch(() => undefined);
     await job;
   }
 
@@ -465,6 +486,8 @@ export class DirtyRegionLog {
       persistedRegions: this.persisted.size,
       clearsPending: this.clearsPending.size,
       ...this.counters,
+      pinnedRegions: this.pinned.size,
+      volumeFlushError: this.volumeFlushError,
       logBytes: this.logBytes,
       sequenceAcknowledged: this.sequenceAcknowledgedValue,
       failed: this.failure?.message,
@@ -478,6 +501,7 @@ export class DirtyRegionLog {
     this.closed = true;
     this.clearTimer?.cancel();
     this.clearTimer = undefined;
+    await this.clearsChain;
     await this.chain.catch(() => undefined);
     const file = this.file;
     this.file = undefined;
@@ -505,6 +529,7 @@ export class DirtyRegionLog {
     }
     state.holds++;
     this.clearsPending.delete(key);
+    this.touchedDuringFlush?.add(key);
   }
 
   private release(key: number): void {
@@ -529,33 +554,24 @@ export class DirtyRegionLog {
       state.inHeap = false;
     }
     this.states.delete(key);
-    if (this.persisted.has(key)) {
+    if (this.persisted.has(key) && !this.pinned.has(key)) {
       this.clearsPending.add(key);
       this.scheduleClears();
     }
   }
 
-  /** After a failed volume flush: the next attempt waits a full interval, whatever the count. */
-  private scheduleClearsLater(): void {
-    if (this.closed || this.failure || this.clearsPending.size === 0) return;
-    this.clearTimer ??= this.scheduler.setTimer(this.clearsFlushMs, () => {
-      this.clearTimer = undefined;
-      this.chain = this.chain.then(() => this.writeClears()).catch(() => undefined);
-    });
-  }
-
   private scheduleClears(): void {
     if (this.closed || this.failure) return;
+    const round = (): void => {
+      this.clearTimer = undefined;
+      this.clearsChain = this.clearsChain.then(() => this.writeClears()).catch(() => undefined);
+    };
     if (this.clearsPending.size >= this.clearsPendingMax) {
       this.clearTimer?.cancel();
-      this.clearTimer = undefined;
-      this.chain = this.chain.then(() => this.writeClears()).catch(() => undefined);
+      round();
       return;
     }
-    this.clearTimer ??= this.scheduler.setTimer(this.clearsFlushMs, () => {
-      this.clearTimer = undefined;
-      this.chain = this.chain.then(() => this.writeClears()).catch(() => undefined);
-    });
+    this.clearTimer ??= this.scheduler.setTimer(this.clearsFlushMs, round);
   }
 
   /** Runs on the chain: writes the collected marks as one record and syncs (or compacts). */
@@ -584,35 +600,60 @@ export class DirtyRegionLog {
     }
   }
 
-  /** Runs on the chain: persists the clears of regions that are still clean. */
+  /**
+   * One round of clears (on `clearsChain`): flushes the volumes, then persists on the log's chain
+   * the clears of the regions still clean and not written while the flush ran. The flush runs off the
+   * log's chain, so marks never wait for it.
+   */
   private async writeClears(): Promise<void> {
     if (this.failure || !this.file) return;
     const keys: number[] = [];
-    for (const key of this.clearsPending) if (!this.states.has(key) && this.persisted.has(key)) keys.push(key);
+    for (const key of this.clearsPending) if (this.cleanButPersisted(key)) keys.push(key);
     this.clearsPending.clear();
+    if (keys.length === 0) return;
+    // Regions written from here until their clear record is queued: the new writes may have missed the
+    // flush, so those regions wait for the next round.
+    const touched = new Set<number>();
+    this.touchedDuringFlush = touched;
+    try {
+      if (this.flushVolumes) {
+        // The regions' writes all completed before their acknowledgement: once flushed they survive a power loss.
+        try {
+          await this.flushVolumes();
+        } catch (error) {
+          // Linux forgets a failed write-back once it has reported it, so no later flush proves that writes
+          // made before this one are on the volume: every region that may hold one stays dirty (in the log
+          // as it is now) until the next open resyncs it.
+          for (const key of keys) this.pinned.add(key);
+          for (const key of this.persisted) this.pinned.add(key);
+          for (const key of this.states.keys()) this.pinned.add(key);
+          this.volumeFlushError = (error as Error).message;
+          this.counters.clearsDeferred++;
+          return;
+        }
+      }
+      const job = this.chain.then(() => this.appendClears(keys.filter((key) => !touched.has(key))));
+      this.chain = job.catch(() => undefined);
+      await job;
+    } finally {
+      this.touchedDuringFlush = undefined;
+      for (const key of touched) if (this.cleanButPersisted(key)) this.clearsPending.add(key);
+      if (this.clearsPending.size > 0) this.scheduleClears();
+    }
+  }
+
+  private cleanButPersisted(key: number): boolean {
+    return !this.states.has(key) && this.persisted.has(key) && !this.pinned.has(key);
+  }
+
+  /** Runs on the chain: writes the clear record of the regions that are still clean. */
+  private async appendClears(candidates: number[]): Promise<void> {
+    if (this.failure || !this.file) return;
+    const keys = candidates.filter((key) => this.cleanButPersisted(key));
     if (keys.length === 0) return;
     // Out of the durable set before the record is written: a mark racing with this clear takes
     // the slow path, and its record comes after this one.
     for (const key of keys) this.persisted.delete(key);
-    if (this.flushVolumes) {
-      // The regions' writes all completed before their acknowledgement: once flushed they survive a power loss.
-      try {
-        await this.flushVolumes();
-      } catch {
-        // Still dirty on disk: back into the durable set (a racing mark then needs no record), and tried again later.
-        for (const key of keys) {
-          this.persisted.add(key);
-          if (!this.states.has(key)) this.clearsPending.add(key);
-        }
-        this.counters.clearsDeferred++;
-        this.scheduleClearsLater();
-        return;
-      }
-      if (this.failure || !this.file) {
-        for (const key of keys) this.persisted.add(key);
-        return;
-      }
-    }
     try {
       const record = encodeRecord(RecordType.clear, this.recordIndexNext, this.regionBytes, keys);
       if (this.logBytes - this.snapshotBytes + record.length > this.logAppendBytesMax) await this.compact();
