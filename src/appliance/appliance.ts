@@ -64,14 +64,26 @@ interface ServedVolume {
 }
 
 /**
- * `<data>/volumes-unprotected.json`: the volumes this appliance has served without protection, and
- * since when. Written before the first request reaches such a volume; a protection group that starts
- * on one owes a delta sync (its state cannot account for those writes), then the entry is removed.
+ * `<data>/volumes-protection.json`: for every volume this appliance has served, under which
+ * protection its writes go, since when: a group's name, or null for none. Written before the first
+ * request reaches a volume served without protection, and once a group has begun on it. A group that
+ * starts on a volume whose writes went anywhere else since it last ran (no protection, or another
+ * group's stream) owes a delta sync: its own state cannot account for those writes.
  */
-export const unprotectedVolumesFileName = 'volumes-unprotected.json';
-interface UnprotectedVolumesState {
+export const volumeProtectionFileName = 'volumes-protection.json';
+interface VolumeProtectionState {
   version: 1;
-  volumes: Record<string, { sinceMs: number }>;
+  volumes: Record<string, { group: string | null; sinceMs: number }>;
+}
+/** The record's name before it named the protecting group (its volumes were served without protection). */
+const unprotectedVolumesFileNameBefore = 'volumes-unprotected.json';
+
+/** A protection change refused: the group is unknown here, or the change cannot be made now. */
+export class ProtectionChangeRefused extends Error {
+  constructor(readonly code: 'unknown-group' | 'refused', message: string) {
+    super(message);
+    this.name = 'ProtectionChangeRefused';
+  }
 }
 
 /** What removing protection from a group did. */
@@ -107,7 +119,7 @@ export class Appliance {
   private readonly views = new Map<string, { group: string; volume: string; view: RecoveryView; at: ViewPoint }>();
   private viewNumber = 0;
   private stopped = false;
-  private unprotectedVolumes: UnprotectedVolumesState = { version: 1, volumes: {} };
+  private volumeProtection: VolumeProtectionState = { version: 1, volumes: {} };
   /** Protection changes (add, remove) run one after another. */
   private protectionChanges: Promise<unknown> = Promise.resolve();
   readonly addresses: ApplianceStatus['addresses'] = { control: '' };
@@ -146,7 +158,7 @@ export class Appliance {
       const file = FileBackingStore.open({ path: volume.path, readOnly: false, createSizeBytes: volume.sizeBytes });
       this.volumes.set(volume.name, { name: volume.name, path: volume.path, file, switch: new VolumeSwitch(file) });
     }
-    this.unprotectedVolumes = (await readStateFile<UnprotectedVolumesState>(this.fileSystem, this.unprotectedVolumesPath())) ?? { version: 1, volumes: {} };
+    this.volumeProtection = await this.readVolumeProtection();
     if (config.receive) {
       for (const group of config.receive.groups) {
         const target = await TargetGroup.open({
@@ -232,28 +244,25 @@ export class Appliance {
       });
   }
 
-  private unprotectedVolumesPath(): string {
-    return path.join(this.options.dataDirectory, unprotectedVolumesFileName);
+  private async readVolumeProtection(): Promise<VolumeProtectionState> {
+    const stored = await readStateFile<VolumeProtectionState>(this.fileSystem, path.join(this.options.dataDirectory, volumeProtectionFileName));
+    if (stored) return stored;
+    // A data directory from before the record named groups: its volumes were served without protection.
+    const before = await readStateFile<{ volumes: Record<string, { sinceMs: number }> }>(this.fileSystem, path.join(this.options.dataDirectory, unprotectedVolumesFileNameBefore));
+    const volumes: VolumeProtectionState['volumes'] = {};
+    for (const [name, entry] of Object.entries(before?.volumes ?? {})) volumes[name] = { group: null, sinceMs: entry.sinceMs };
+    return { version: 1, volumes };
   }
 
-  /** Records (durably) that these volumes are about to be served without protection. */
-  private async noteServedUnprotected(names: string[]): Promise<void> {
-    const fresh = names.filter((name) => this.unprotectedVolumes.volumes[name] === undefined);
-    if (fresh.length === 0) return;
-    const volumes = { ...this.unprotectedVolumes.volumes };
-    for (const name of fresh) volumes[name] = { sinceMs: this.scheduler.nowMs() };
-    const next: UnprotectedVolumesState = { version: 1, volumes };
-    await writeStateFile(this.fileSystem, this.unprotectedVolumesPath(), next);
-    this.unprotectedVolumes = next;
-  }
-
-  private async clearServedUnprotected(names: string[]): Promise<void> {
-    if (!names.some((name) => this.unprotectedVolumes.volumes[name] !== undefined)) return;
-    const volumes = { ...this.unprotectedVolumes.volumes };
-    for (const name of names) delete volumes[name];
-    const next: UnprotectedVolumesState = { version: 1, volumes };
-    await writeStateFile(this.fileSystem, this.unprotectedVolumesPath(), next);
-    this.unprotectedVolumes = next;
+  /** Records (durably) that the writes of these volumes go to `group`'s stream from now on (null: to no stream). */
+  private async recordProtection(names: string[], group: string | null): Promise<void> {
+    const changed = names.filter((name) => this.volumeProtection.volumes[name]?.group !== group);
+    if (changed.length === 0) return;
+    const volumes = { ...this.volumeProtection.volumes };
+    for (const name of changed) volumes[name] = { group, sinceMs: this.scheduler.nowMs() };
+    const next: VolumeProtectionState = { version: 1, volumes };
+    await writeStateFile(this.fileSystem, path.join(this.options.dataDirectory, volumeProtectionFileName), next);
+    this.volumeProtection = next;
   }
 
   /** Runs protection changes one at a time. */
@@ -272,14 +281,14 @@ export class Appliance {
   }
 
   private async addSourceNow(protect: ProtectConfig): Promise<SourceGroup> {
-    if (this.stopped) throw new Error(`Cannot protect group '${protect.group}' as the appliance is stopping`);
-    if (this.sources.has(protect.group)) throw new Error(`Group '${protect.group}' is already protected by this appliance`);
+    if (this.stopped) throw new ProtectionChangeRefused('refused', `Cannot protect group '${protect.group}' as the appliance is stopping`);
+    if (this.sources.has(protect.group)) throw new ProtectionChangeRefused('refused', `Group '${protect.group}' is already protected by this appliance`);
     const volumeConfigs = this.config.volumes;
     checkProtectVolumes([...[...this.sources.values()].map((source) => source.config), protect], volumeConfigs);
-    const servedUnprotected: { volume: string; sinceMs: number }[] = [];
+    const writtenElsewhere: { volume: string; group: string | null; sinceMs: number }[] = [];
     for (const name of protect.volumes) {
-      const entry = this.unprotectedVolumes.volumes[name];
-      if (entry) servedUnprotected.push({ volume: name, sinceMs: entry.sinceMs });
+      const entry = this.volumeProtection.volumes[name];
+      if (entry && entry.group !== protect.group) writtenElsewhere.push({ volume: name, ...entry });
     }
     const group = await SourceGroup.open({
       config: protect,
@@ -292,7 +301,7 @@ export class Appliance {
       connect: this.connector(protect),
       applianceRateLimit: this.rateLimit,
       logger: this.logger,
-      servedUnprotected,
+      writtenElsewhere,
     });
     // Every write that went to a volume beside the tap completes before the group's first sync read.
     const switched: ServedVolume[] = [];
@@ -309,9 +318,12 @@ export class Appliance {
     }
     group.begin();
     this.sources.set(protect.group, group);
-    // The group's state now owes what the unprotected service requires (see SourceGroup.open).
-    await this.clearServedUnprotected(protect.volumes);
-    if (this.nbd) this.logger.info('protection started', { group: protect.group, volumes: protect.volumes, servedUnprotected: servedUnprotected.map((entry) => entry.volume) });
+    // The group's state owes what writes made elsewhere require (see SourceGroup.open). Not recorded: the
+    // next start of this group owes a needless delta sync, which is safe, so the group runs on.
+    await this.recordProtection(protect.volumes, protect.group).catch((error: unknown) =>
+      this.logger.error('cannot record which group protects the volumes; the next start of the group runs a delta sync', { group: protect.group, error: (error as Error).message }),
+    );
+    if (this.nbd) this.logger.info('protection started', { group: protect.group, volumes: protect.volumes, writtenElsewhere });
     return group;
   }
 
@@ -323,24 +335,33 @@ export class Appliance {
    */
   removeSource(groupName: string, drainMs: number): Promise<ProtectionRemoved> {
     return this.serially(async () => {
+      if (this.stopped) throw new ProtectionChangeRefused('refused', `Cannot remove the protection of group '${groupName}' as the appliance is stopping (the group stops with it)`);
       const group = this.sources.get(groupName);
-      if (!group) throw new Error(`Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
+      if (!group) throw new ProtectionChangeRefused('unknown-group', `Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
       const names = group.config.volumes;
-      await this.noteServedUnprotected(names);
-      // A quiesce holds write completions, which the switch waits for.
-      group.release();
+      await this.recordProtection(names, null);
+      // A quiesce holds write completions, which the switch waits for: none is taken from here on.
+      group.endQuiesces();
       for (const name of names) {
         const volume = this.volumes.get(name)!;
         await volume.switch.switchTo(volume.file);
       }
       let endCheckpoint: string | undefined;
       try {
-        endCheckpoint = group.checkpoint('protection-end', 'protection removed').id;
-      } catch {
-        // A sync runs: no point of the group is consistent at the target until a later sync ends.
+        const marker = group.checkpoint('protection-end', 'protection removed');
+        // Sequence 0: the queue discarded it (bitmap mode), so the target never sees it.
+        if (marker.sequence > 0) endCheckpoint = marker.id;
+      } catch (error) {
+        // A sync runs or waits: no point of the group is consistent at the target until a later sync ends.
+        this.logger.info('no protection-end checkpoint', { group: groupName, reason: (error as Error).message });
       }
-      const stopped = await group.stop(drainMs);
-      this.sources.delete(groupName);
+      let stopped: Awaited<ReturnType<SourceGroup['stop']>>;
+      try {
+        stopped = await group.stop(drainMs);
+      } finally {
+        // The volumes are served from their files already: the group is gone whether or not it stopped cleanly.
+        this.sources.delete(groupName);
+      }
       const removed: ProtectionRemoved = { group: groupName, volumes: [...names], ...stopped, endCheckpoint };
       this.logger.info('protection removed', { ...removed });
       return removed;
@@ -356,7 +377,7 @@ export class Appliance {
     }
     // A target serves recovery views on the same server, added while it runs.
     if (exports.length === 0 && this.targets.size === 0) return;
-    await this.noteServedUnprotected(unprotected);
+    await this.recordProtection(unprotected, null);
     this.nbd = new NbdServer({ exports, logger: this.logger, allowNoExports: true });
     const address = await this.nbd.listen({ host: listen.host, port: listen.port });
     this.addresses.nbd = formatAddress(address);
@@ -413,7 +434,9 @@ export class Appliance {
     this.stopped = true;
     this.tickTimer?.cancel();
     await this.control?.close();
-    // A protection change under way finishes first (a new one is refused now), so no group is left half started.
+    // A protection change under way finishes first (a new one is refused now), so no group is left half
+    // started; a removal's drain is cut to what a stop allows.
+    for (const source of this.sources.values()) source.limitDrain(stopDrainMsMax);
     await this.protectionChanges;
     if (this.nbd) await this.nbd.close();
     for (const name of [...this.views.keys()]) await this.closeView(name);

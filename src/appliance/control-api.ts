@@ -22,7 +22,7 @@
 import * as http from 'node:http';
 import type { Logger } from '../util/logger.js';
 import { formatAddress } from '../util/address.js';
-import { stopDrainMsMax, type Appliance } from './appliance.js';
+import { ProtectionChangeRefused, stopDrainMsMax, type Appliance } from './appliance.js';
 import { ConfigError, parseProtectConfig } from './config.js';
 import type { ViewPoint } from '../journal/journal.js';
 
@@ -147,7 +147,13 @@ export class ControlApi {
         needSource();
         const body = (await readBody(request)) as Record<string, unknown>;
         const drainMs = body['drainMs'] === undefined ? stopDrainMsMax : numberField(body, 'drainMs', 0, removeDrainMsMax);
-        return await appliance.removeSource(groupName!, drainMs);
+        try {
+          return await appliance.removeSource(groupName!, drainMs);
+        } catch (error) {
+          // Another removal of the group got there first, or the appliance is stopping.
+          if (error instanceof ProtectionChangeRefused) throw new ApiError(error.code === 'unknown-group' ? 404 : 409, error.code === 'unknown-group' ? 'unknown-group' : 'cannot-unprotect', error.message);
+          throw error;
+        }
       }
       case 'PUT /rate': {
         const bytesPerSecond = numberField(await readBody(request), 'bytesPerSecond', 0);

@@ -572,6 +572,12 @@ test('queue overflow while the target is blackholed: bitmap mode, then a new ses
     assert.ok(status.queue.bitmapEpisodes >= 1);
     assert.match(status.sync.reason ?? '', /discarded/, `the resync says why: ${JSON.stringify(status.sync)}`);
     assert.ok(status.rpoMs < status.rpoMsTarget);
+    // The target lacks the discarded writes until the resync ends: its sync window opens with the new
+    // session (whose epoch begins with the source's time in base 36), not when the resync starts later.
+    const epochMs = parseInt(status.epoch.split('-')[0]!, 36);
+    const { syncWindows } = await rig.target.api<TargetGroupStatus>('GET', '/v1/groups/pg1');
+    const window = syncWindows[syncWindows.length - 1]!;
+    assert.ok(window.beginTimeMs <= epochMs && window.endTimeMs !== undefined, `the window opens by ${epochMs} and has closed: ${JSON.stringify(syncWindows)}`);
     assert.deepEqual(writer.failures, [], 'the writes through NBD succeeded and verified');
     const replicaMs = await replicaEqualsSource(rig, 'after the overflow');
     console.log(`# ${status.queue.bitmapEpisodes} bitmap episodes; last resync ${status.sync.bytesTotal} bytes; replica equal ${replicaMs}ms after the writes ended`);

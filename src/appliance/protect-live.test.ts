@@ -4,8 +4,8 @@
  *  - through the control API, while one NBD client keeps writing over the same connection: the
  *    first protection runs an initial sync, removal drains and marks the end with a checkpoint,
  *    and a later protection runs a delta sync for what was written in between;
- *  - across restarts, when the configuration dropped the group for a while: the writes made
- *    without protection are found by a delta sync, not silently missed;
+ *  - across restarts, when the configuration dropped the group for a while or gave its volume to
+ *    another group: the writes made meanwhile are found by a delta sync, not silently missed;
  *  - an owed delta sync that a crash interrupted runs again at the next start.
  * Each time the replica ends byte-identical to the source.
  */
@@ -15,7 +15,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { makeTempDir, prng, run, testSeed, writeRandomFile } from '../../test/helpers.js';
 import { NbdClient } from '../nbd/client.js';
-import { unprotectedVolumesFileName } from './appliance.js';
+import { volumeProtectionFileName } from './appliance.js';
 import type { SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
 import { filesEqual, makeTwoSites, MiB, setSourceProtection, startAppliance, waitFor, waitInSync, type RunningAppliance, type TwoSites } from './testing.js';
@@ -109,8 +109,9 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
 test('protection added, removed and added again through the control API while a client keeps writing over one NBD connection: initial sync, a drained removal with an end checkpoint, then a delta sync; the replica equals the source each time', async (t) => {
   const running = await start(t, 'protect-live', false);
   const { source, target, sites } = running;
-  const unprotectedPath = path.join(sites.sourceDataDir, unprotectedVolumesFileName);
-  assert.ok(fs.existsSync(unprotectedPath), 'serving a volume without protection is recorded');
+  // A state file: the JSON on its first line, its checksum on the second.
+  const protectedBy = (): unknown => (JSON.parse(fs.readFileSync(path.join(sites.sourceDataDir, volumeProtectionFileName), 'utf8').split('\n')[0]!) as { volumes: Record<string, { group: unknown }> }).volumes['disk0']?.group;
+  assert.equal(protectedBy(), null, 'serving a volume without protection is recorded');
   await assert.rejects(source.api('GET', '/v1/groups/pg1'), /404/);
 
   const writer = await Writer.connect(source.nbd!, prng(running.seed));
@@ -126,7 +127,7 @@ test('protection added, removed and added again through the control API while a 
   await writer.pause();
   await waitInSync(source, 'the initial sync after protection was added');
   await replicaEqualsSource(running, 'after the initial sync');
-  assert.ok(!fs.readFileSync(unprotectedPath, 'utf8').includes('disk0'), 'the volume is no longer listed as served without protection');
+  assert.equal(protectedBy(), 'pg1', 'the volume is recorded as protected by the group');
 
   // Remove protection while the client writes: the volume stays served, the queue drains.
   writer.resume();
@@ -142,7 +143,7 @@ test('protection added, removed and added again through the control API while a 
   await assert.rejects(target.api('DELETE', '/v1/groups/pg1'), /409.*removed at its source/s);
   await sleep(500);
   assert.ok(writer.writes > writesBefore, 'the client kept writing through the removal');
-  assert.ok(fs.readFileSync(unprotectedPath, 'utf8').includes('disk0'), 'the volume is listed as served without protection again');
+  assert.equal(protectedBy(), null, 'the volume is recorded as served without protection again');
   const { checkpoints } = await target.api<{ checkpoints: { id: string; recoverable: boolean; kind: string }[] }>('GET', '/v1/groups/pg1/checkpoints');
   const end = checkpoints.find((checkpoint) => checkpoint.id === removed.endCheckpoint);
   assert.ok(end, `the end checkpoint reached the target: ${JSON.stringify(checkpoints)}`);
@@ -178,6 +179,28 @@ test('a volume served without protection between two runs (the group dropped fro
   assert.match(status.sync.reason ?? '', /volume 'disk0' served without protection since /, JSON.stringify(status.sync));
   const delta = status.sync.delta!;
   assert.ok(delta.bytesShipped >= 3 * MiB && delta.bytesShipped < volumeBytes, `the written range and little else was shipped: ${JSON.stringify(delta)}`);
+  await replicaEqualsSource(running, 'after the delta sync');
+});
+
+test('a volume protected by another group between two runs of its group (the configuration moved it to pg2 and back) gets a delta sync when pg1 starts again, and the replica equals the source', async (t) => {
+  const running = await start(t, 'protect-other-group', true);
+  await waitInSync(running.source, 'the initial sync');
+  await replicaEqualsSource(running, 'after the initial sync');
+
+  // pg2 ships to a target that does not receive it: its writes never reach pg1's replica.
+  setSourceProtection(running.sites, { ...running.sites.protectEntry, group: 'pg2' });
+  assert.equal(await running.source.stop(), 0);
+  running.source = await startAppliance({ dataDir: running.sites.sourceDataDir, configPath: running.sites.sourceConfigPath });
+  await run('qemu-io', ['-f', 'raw', `${running.source.nbd}/disk0`, '-c', `write -P 0x6d ${2 * MiB} ${2 * MiB}`]);
+  await running.source.kill();
+
+  setSourceProtection(running.sites, true);
+  running.source = await startAppliance({ dataDir: running.sites.sourceDataDir, configPath: running.sites.sourceConfigPath });
+  const started = await running.source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
+  assert.equal(started.sync.state, 'delta-sync', JSON.stringify(started.sync));
+  assert.match(started.sync.reason ?? '', /volume 'disk0' protected by group 'pg2' since /);
+  const status = await waitInSync(running.source, 'the delta sync after pg2 held the volume');
+  assert.ok(status.sync.delta!.bytesShipped >= 2 * MiB, `the range written under pg2 was shipped: ${JSON.stringify(status.sync.delta)}`);
   await replicaEqualsSource(running, 'after the delta sync');
 });
 

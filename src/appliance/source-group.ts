@@ -102,19 +102,38 @@ export interface SourceGroupOptions {
   applianceRateLimit: TokenBucket;
   logger: Logger;
   /**
-   * Volumes of the group that the appliance served without protection since the group last ran
-   * (the group's state cannot account for their writes): a group past its initial sync owes a
-   * delta sync of every volume.
+   * Volumes of the group whose writes went elsewhere since the group last ran: served without
+   * protection (`group` null) or protected by another group. The group's state cannot account for
+   * those writes, so a group past its initial sync owes a delta sync of every volume.
    */
-  servedUnprotected?: { volume: string; sinceMs: number }[];
+  writtenElsewhere?: { volume: string; group: string | null; sinceMs: number }[];
 }
 
 /** What a sync's acknowledged end settles in the group's state. */
 interface SyncSettles {
   /** The initial sync is done. */
   initial: boolean;
-  /** The delta sync the state owes is done. */
-  delta: boolean;
+  /**
+   * The owed delta sync it settles, by generation (`SourceGroup.deltaOwedGeneration` when the sync
+   * started), or undefined: a delta sync owed after this one started is not settled by its end.
+   */
+  delta: number | undefined;
+}
+
+/** What two syncs settle together (a follow-up resync settles what the sync it completes would have). */
+function mergeSettles(a: SyncSettles | undefined, b: SyncSettles): SyncSettles {
+  if (!a) return b;
+  const delta = a.delta === undefined ? b.delta : b.delta === undefined ? a.delta : Math.max(a.delta, b.delta);
+  return { initial: a.initial || b.initial, delta };
+}
+
+type SyncRegion = { volume: number; offset: number; lengthBytes: number };
+
+interface SyncPlan {
+  state: SyncState;
+  reason: string;
+  regions: SyncRegion[];
+  settles: SyncSettles;
 }
 
 interface SourceGroupState {
@@ -129,6 +148,12 @@ interface SourceGroupState {
    * it has not compared yet.
    */
   deltaSyncOwed?: string;
+  /**
+   * A flush of the source volumes failed (when, and the error): writes made before it may be missing
+   * from the volumes although the target holds them, and no later flush proves otherwise, so the
+   * next start owes a delta sync, which compares what the volumes really hold with the target.
+   */
+  volumeFlushFailed?: string;
 }
 
 /** Holds new write completions while a quiesce is on (the checkpoint engine's hold). */
@@ -220,7 +245,7 @@ export class SourceGroup {
   private quiesceTimer: ReturnType<Scheduler['setTimer']> | undefined;
   private throughputSample = { timeMs: 0, wireBytes: 0, bytesPerSecond: 0 };
   /** Ranges to resync that no sync has taken yet (failed writes, a queue in bitmap mode). */
-  private resyncPending: { volume: number; offset: number; lengthBytes: number }[] = [];
+  private resyncPending: SyncRegion[] = [];
   private resyncPendingReason: string | undefined;
   /** Whether the last checksum request of a delta sync was answered. */
   private deltaAnswered = true;
@@ -228,6 +253,14 @@ export class SourceGroup {
   private readonly deltaAhead = new Map<string, Promise<Buffer>>();
   /** A delta sync was asked for and is being recorded as owed (a second request is refused meanwhile). */
   private deltaRequested = false;
+  /** When `stop` gives up waiting for the target (see `limitDrain`). */
+  private drainUntilMs = Infinity;
+  /** The group's protection is being removed: quiesces are refused. */
+  private ending = false;
+  /** The sync `begin` starts (decided at open, its begin marker already queued). */
+  private syncAtBegin: SyncPlan | undefined;
+  /** Counts the delta syncs owed in this run: a sync's end settles the debt only if none was owed after it started. */
+  private deltaOwedGeneration = 0;
   /**
    * Source time of the oldest write the queue discarded (bitmap mode) whose resync has not been
    * acknowledged yet: the RPO counts it, since the target has no newer copy of that region.
@@ -303,13 +336,6 @@ export class SourceGroup {
     });
   }
 
-  /** Opens and begins the group (see `open` and `begin`). */
-  static async start(options: SourceGroupOptions): Promise<SourceGroup> {
-    const group = await SourceGroup.open(options);
-    group.begin();
-    return group;
-  }
-
   /**
    * Opens the group's state, dirty-region log and queue, and builds its stores (`exports`), without
    * shipping or syncing yet: an appliance that already serves the volumes switches their exports to
@@ -319,10 +345,14 @@ export class SourceGroup {
    */
   static async open(options: SourceGroupOptions): Promise<SourceGroup> {
     const { fileSystem, directory } = options;
+    // Assigned once the dirty-region log is open (its flush callback needs the group).
+    let group: SourceGroup;
     await fileSystem.mkdir(directory);
     const statePath = path.join(directory, 'state.json');
     const stored = await readStateFile<SourceGroupState>(fileSystem, statePath);
     const state: SourceGroupState = stored ?? { version: 1, createdMs: options.scheduler.nowMs(), initialSyncDone: false };
+    // Before the initial sync is done every start ships every block anyway.
+    if (!state.initialSyncDone) delete state.volumeFlushFailed;
     if (!stored) await writeStateFile(fileSystem, statePath, state);
     const dirtyLogOptions = {
       fileSystem,
@@ -330,9 +360,7 @@ export class SourceGroup {
       scheduler: options.scheduler,
       volumes: new Map(options.volumes.map((volume) => [volume.id, volume.file.sizeBytes])),
       // A region is cleared only once its acknowledged writes are durable on the volume too (see dirty-log.ts).
-      flushVolumes: async () => {
-        await Promise.all(options.volumes.map((volume) => volume.file.flush()));
-      },
+      flushVolumes: () => group.flushVolumes(),
     };
     let dirtyLog: DirtyRegionLog;
     let dirtyLogDamaged: string | undefined;
@@ -356,13 +384,15 @@ export class SourceGroup {
       sequenceNext: 1,
       clock: options.scheduler,
     });
-    const group = new SourceGroup(options, queue, dirtyLog, state);
-    const unprotected = options.servedUnprotected ?? [];
+    group = new SourceGroup(options, queue, dirtyLog, state);
+    const elsewhere = options.writtenElsewhere ?? [];
     let owed: string | undefined;
     if (dirtyLogDamaged !== undefined) owed = `the dirty-region log could not be trusted after a crash (${dirtyLogDamaged})`;
-    else if (unprotected.length > 0) {
-      const since = Math.min(...unprotected.map((entry) => entry.sinceMs));
-      owed = `volume${unprotected.length > 1 ? 's' : ''} ${unprotected.map((entry) => `'${entry.volume}'`).join(', ')} served without protection since ${new Date(since).toISOString()}`;
+    else if (state.volumeFlushFailed !== undefined) owed = `a flush of the source volumes failed in an earlier run (${state.volumeFlushFailed})`;
+    else if (elsewhere.length > 0) {
+      owed = elsewhere
+        .map((entry) => `volume '${entry.volume}' ${entry.group === null ? 'served without protection' : `protected by group '${entry.group}'`} since ${new Date(entry.sinceMs).toISOString()}`)
+        .join('; ');
     }
     if (owed !== undefined && state.initialSyncDone) {
       try {
@@ -372,13 +402,21 @@ export class SourceGroup {
         throw error;
       }
     }
+    // The sync's window at the target opens before any write reaches the stream: an appliance that
+    // serves the volumes switches them to this group's stores before `begin`, and a write completed in
+    // between would otherwise sit before the window, at a point claimed consistent although the target
+    // lacks what the sync is for. The sync's own begin marker then extends the same window.
+    group.syncAtBegin = group.syncOwedAtOpen();
+    if (group.syncAtBegin) group.pushMarker('sync-begin', group.syncMarkerName(group.syncAtBegin.state, group.syncAtBegin.settles));
     return group;
   }
 
   /** Starts shipping, and the sync the group's state owes. */
   begin(): void {
     this.shipper.start();
-    this.beginSyncIfNeeded();
+    const sync = this.syncAtBegin;
+    this.syncAtBegin = undefined;
+    if (sync) this.startSync(sync.state, sync.reason, sync.regions, sync.settles);
     this.maintain();
   }
 
@@ -452,14 +490,13 @@ export class SourceGroup {
         this.startSync(this.sync.state === 'in-sync' ? 'resync' : this.sync.state, this.sync.reason ?? 'retry', retry.regions, retry.settles);
       } else if ((this.resyncPending.length > 0 || this.resyncFollowUp) && this.sync.state === 'in-sync' && !this.syncActive) {
         const regions = this.resyncPending;
-        const settles = this.resyncFollowUp ?? { initial: false, delta: false };
+        const settles = this.resyncFollowUp ?? { initial: false, delta: undefined };
         this.resyncPending = [];
         this.resyncFollowUp = undefined;
         this.startSync('resync', this.resyncPendingReason ?? 'the previous sync ended after the queue discarded entries', regions, settles);
         this.resyncPendingReason = undefined;
       } else if (this.deltaSyncWaiting()) {
-        const everything = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
-        this.startSync('delta-sync', this.state.deltaSyncOwed!, everything, { initial: false, delta: true });
+        this.startSync('delta-sync', this.state.deltaSyncOwed!, this.everyVolume(), { initial: false, delta: this.deltaOwedGeneration });
       }
     } finally {
       this.maintenanceTimer = this.options.scheduler.setTimer(maintenanceIntervalMs, () => this.maintain());
@@ -470,11 +507,16 @@ export class SourceGroup {
   private deltaSyncWaiting(): boolean {
     if (this.state.deltaSyncOwed === undefined || !this.state.initialSyncDone || this.deltaRequested) return false;
     if (this.syncActive || this.sync.state !== 'in-sync' || this.syncRetry || this.resyncFollowUp || this.resyncPending.length > 0) return false;
-    return !this.syncEndPending?.settles.delta;
+    return this.syncEndPending?.settles.delta !== this.deltaOwedGeneration;
+  }
+
+  /** Every volume of the group, whole (what an initial or delta sync covers). */
+  private everyVolume(): SyncRegion[] {
+    return this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
   }
 
   private sessionChanging = false;
-  private syncRetry: { regions: { volume: number; offset: number; lengthBytes: number }[]; settles: SyncSettles; atMs: number } | undefined;
+  private syncRetry: { regions: SyncRegion[]; settles: SyncSettles; atMs: number } | undefined;
   private syncActive = false;
 
   private async newSessionAfterBitmap(): Promise<void> {
@@ -487,6 +529,10 @@ export class SourceGroup {
       this.shippedBefore.rawBytesSent += stats.rawBytesSent;
       this.shippedBefore.wireBytesSent += stats.wireBytesSent;
       const regions = this.queue.takeResyncRegions();
+      const sequenceBase = regions.sequenceDiscardedLast >= regions.sequenceDiscardedFirst ? regions.sequenceDiscardedLast : this.queue.sequenceLast;
+      // The new session's first entry opens (or extends) a sync window at the target: until the resync of the
+      // discarded ranges ends, no point after them is an image of the source, even one before that resync starts.
+      this.pushMarker('sync-begin', this.syncMarkerName('resync', { initial: false, delta: undefined }));
       // The new session's WELCOME acknowledges the discarded sequences: their regions must be owed a resync
       // in the dirty-region log before (the resync of the discarded ranges clears them when it ends).
       this.dirtyLog.beginResync();
@@ -495,10 +541,10 @@ export class SourceGroup {
         // resync of the discarded ranges settles what that sync would have.
         const { settles } = this.syncEndPending;
         this.syncEndPending = undefined;
-        this.resyncFollowUp = { initial: settles.initial || (this.resyncFollowUp?.initial ?? false), delta: settles.delta || (this.resyncFollowUp?.delta ?? false) };
+        this.resyncFollowUp = mergeSettles(this.resyncFollowUp, settles);
       }
       this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
-      this.shipper = this.makeShipper(regions.sequenceDiscardedLast >= regions.sequenceDiscardedFirst ? regions.sequenceDiscardedLast : this.queue.sequenceLast);
+      this.shipper = this.makeShipper(sequenceBase);
       this.shipper.start();
       this.options.logger.warn('queue overflowed: new session with a resync of the discarded regions', { group: this.name, epoch: this.epoch, reason: regions.reason, resyncBytes: regions.resyncBytes });
       for (const [volume, ranges] of regions.volumes) for (const range of ranges) this.resyncPending.push({ volume, offset: range.offset, lengthBytes: range.lengthBytes });
@@ -524,33 +570,56 @@ export class SourceGroup {
     return { id, sequence: sequence ?? 0 };
   }
 
-  private beginSyncIfNeeded(): void {
-    const everything = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
+  /** The sync the group's state and dirty-region log owe when the group opens, if any. */
+  private syncOwedAtOpen(): SyncPlan | undefined {
     if (!this.state.initialSyncDone) {
-      this.startSync('initial-sync', 'the group has not completed an initial sync', everything, { initial: true, delta: true });
-      return;
+      return { state: 'initial-sync', reason: 'the group has not completed an initial sync', regions: this.everyVolume(), settles: { initial: true, delta: this.deltaOwedGeneration } };
     }
     if (this.state.deltaSyncOwed !== undefined) {
-      this.startSync('delta-sync', this.state.deltaSyncOwed, everything, { initial: false, delta: true });
-      return;
+      return { state: 'delta-sync', reason: this.state.deltaSyncOwed, regions: this.everyVolume(), settles: { initial: false, delta: this.deltaOwedGeneration } };
     }
     const dirty = this.dirtyLog.dirtyRegions();
-    if (dirty.length > 0) {
-      this.startSync('resync', 'the dirty-region log holds regions the target never acknowledged (the appliance stopped without draining)', dirty, { initial: false, delta: false });
-    }
+    if (dirty.length === 0) return undefined;
+    return { state: 'resync', reason: 'the dirty-region log holds regions the target never acknowledged (the appliance stopped without draining)', regions: dirty, settles: { initial: false, delta: undefined } };
+  }
+
+  /** The name a sync's begin marker gives it at the target ('initial-sync' makes its window start at the beginning). */
+  private syncMarkerName(state: SyncState, settles: SyncSettles): string {
+    return settles.initial || !this.state.initialSyncDone ? 'initial-sync' : state;
   }
 
   /** Persists that a delta sync of every volume is owed (before it starts, so that a crash during it runs it again). */
   private async oweDeltaSync(reason: string): Promise<void> {
-    this.state = { ...this.state, deltaSyncOwed: reason };
+    this.deltaOwedGeneration++;
+    // The delta sync owed is what a failed flush of an earlier run called for.
+    const { volumeFlushFailed: _settled, ...state } = this.state;
+    this.state = { ...state, deltaSyncOwed: reason };
     await this.writeState('a delta sync is owed');
+  }
+
+  /**
+   * Makes every write completed on the volumes so far durable there. A failure is recorded in the
+   * group's state (the next start owes a delta sync) and rethrown.
+   */
+  private async flushVolumes(): Promise<void> {
+    try {
+      await Promise.all(this.options.volumes.map((volume) => volume.file.flush()));
+    } catch (error) {
+      const message = (error as Error).message;
+      this.options.logger.error('cannot flush the source volumes: what was written before may be missing from them; the next start runs a delta sync', { group: this.name, error: message });
+      if (this.state.volumeFlushFailed === undefined) {
+        this.state = { ...this.state, volumeFlushFailed: `${new Date(this.options.scheduler.nowMs()).toISOString()}: ${message}` };
+        void this.writeState('a failed flush of the volumes').catch(() => undefined);
+      }
+      throw error;
+    }
   }
 
   /** Queues a write of the group's state file after the ones before it; resolves once it is durable. */
   private writeState(what: string, options: { flushVolumesFirst?: boolean } = {}): Promise<void> {
     const state = this.state;
     const written = this.stateWriting.then(async () => {
-      if (options.flushVolumesFirst) await Promise.all(this.options.volumes.map((volume) => volume.file.flush()));
+      if (options.flushVolumesFirst) await this.flushVolumes();
       await writeStateFile(this.options.fileSystem, path.join(this.options.directory, 'state.json'), state);
     });
     this.stateWriting = written.then(
@@ -560,7 +629,7 @@ export class SourceGroup {
     return written;
   }
 
-  private startSync(state: SyncState, reason: string, regions: { volume: number; offset: number; lengthBytes: number }[], settles: SyncSettles): void {
+  private startSync(state: SyncState, reason: string, regions: SyncRegion[], settles: SyncSettles): void {
     let bytesTotal = 0;
     for (const region of regions) bytesTotal += region.lengthBytes;
     this.sync = { state, reason, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, rateBytesPerSecond: 0, etaMs: undefined, startedMs: this.options.scheduler.nowMs() };
@@ -581,12 +650,12 @@ export class SourceGroup {
       });
   }
 
-  private async runSync(regions: { volume: number; offset: number; lengthBytes: number }[], settles: SyncSettles): Promise<void> {
+  private async runSync(regions: SyncRegion[], settles: SyncSettles): Promise<void> {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
     const bitmapEpisodes = this.queue.stats().bitmapEpisodes;
     // The marker names the sync: the target marks the stretch up to sync-end as not consistent, from the start for an initial sync.
-    this.pushMarker('sync-begin', settles.initial ? 'initial-sync' : this.sync.state);
+    this.pushMarker('sync-begin', this.syncMarkerName(this.sync.state, settles));
     for (const region of regions) {
       const tap = this.taps.get(region.volume);
       if (!tap) continue;
@@ -623,17 +692,19 @@ export class SourceGroup {
       }
       if (this.stopping) return;
     }
-    const end = this.pushMarker('sync-end');
-    if (end.sequence === 0 || this.queue.stats().bitmapEpisodes !== bitmapEpisodes) {
+    // No end marker when the queue discarded entries while this sync ran: the target lacks them until
+    // the resync of the discarded ranges ends, so the sync's window must stay open until then.
+    const end = this.queue.stats().bitmapEpisodes !== bitmapEpisodes ? { sequence: 0 } : this.pushMarker('sync-end');
+    if (end.sequence === 0) {
       // The queue discarded entries while this sync ran (some of its reads, or its end): the discarded ranges
       // are resynced next, so this sync's regions stay owed in the dirty-region log until that resync ends,
       // and an initial sync is not done until then either.
-      this.resyncFollowUp = { initial: settles.initial || (this.resyncFollowUp?.initial ?? false), delta: settles.delta || (this.resyncFollowUp?.delta ?? false) };
+      this.resyncFollowUp = mergeSettles(this.resyncFollowUp, settles);
       this.options.logger.warn('sync ended after the queue discarded entries; the discarded ranges are resynced next', { group: this.name, state: this.sync.state });
     } else {
       // The regions are clean, and the initial (or owed delta) sync done, once the end marker is acknowledged.
       this.dirtyLog.endResync(resyncToken, end.sequence);
-      if (settles.initial || settles.delta) this.syncEndPending = { sequence: end.sequence, settles };
+      if (settles.initial || settles.delta !== undefined) this.syncEndPending = { sequence: end.sequence, settles };
       if (this.resyncOldestTimeMs !== undefined && this.resyncPending.length === 0 && !this.resyncFollowUp) this.resyncOldestClearAt = end.sequence;
     }
     this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal, ...(this.sync.delta ? { delta: this.sync.delta } : {}) });
@@ -652,7 +723,7 @@ export class SourceGroup {
     const { settles } = pending;
     const next = { ...this.state };
     if (settles.initial) next.initialSyncDone = true;
-    if (settles.delta) delete next.deltaSyncOwed;
+    if (settles.delta === this.deltaOwedGeneration) delete next.deltaSyncOwed;
     if (next.initialSyncDone === this.state.initialSyncDone && next.deltaSyncOwed === this.state.deltaSyncOwed) return;
     this.state = next;
     // Not persisted (an error is logged): the next start runs the sync again, which is safe. The volumes
@@ -761,8 +832,7 @@ export class SourceGroup {
     }
     if (this.stopping) throw new Error(`group '${this.name}' is stopping; the delta sync runs at its next start`);
     if (busy()) return this.syncStatus();
-    const regions = this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
-    this.startSync('delta-sync', reason, regions, { initial: false, delta: true });
+    this.startSync('delta-sync', reason, this.everyVolume(), { initial: false, delta: this.deltaOwedGeneration });
     return this.syncStatus();
   }
 
@@ -779,10 +849,17 @@ export class SourceGroup {
   quiesce(timeoutMs: number): { checkpointSequence: number } {
     if (!(timeoutMs > 0 && timeoutMs <= quiesceMsMax)) throw new RangeError(`A quiesce timeout must be 1..${quiesceMsMax} ms, not ${timeoutMs}`);
     if (this.releaseQuiesce) throw new Error(`Group '${this.name}' is already quiesced`);
+    if (this.ending) throw new Error(`Group '${this.name}' is ending its protection; a quiesce would hold the writes its volumes switch over with`);
     const hold = new Promise<void>((resolve) => (this.releaseQuiesce = resolve));
     for (const gate of this.gates.values()) gate.setHold(hold);
     this.quiesceTimer = this.options.scheduler.setTimer(timeoutMs, () => this.release());
     return { checkpointSequence: 0 };
+  }
+
+  /** From now on the group refuses quiesces (its protection is being removed), and one that is on ends. */
+  endQuiesces(): void {
+    this.ending = true;
+    this.release();
   }
 
   /** Ends a quiesce (also when its timeout passes). */
@@ -798,7 +875,8 @@ export class SourceGroup {
 
   /** Puts a checkpoint marker into the stream after every write completed so far. */
   checkpoint(kind: string, name?: string): { id: string; sequence: number } {
-    if (this.syncActive) throw new Error(`Cannot take a checkpoint of group '${this.name}' while its ${this.sync.state} runs: the target is not consistent until it ends`);
+    const sync = this.syncStatus();
+    if (sync.state !== 'in-sync') throw new Error(`Cannot take a checkpoint of group '${this.name}' while it is in ${sync.state} (${sync.reason ?? 'no reason given'}): the target is not consistent until that sync ends`);
     return this.pushMarker(kind, name);
   }
 
@@ -867,14 +945,19 @@ export class SourceGroup {
     this.release();
     const syncInterrupted = this.syncActive ? this.sync.state : undefined;
     await this.syncRunning;
-    const deadline = this.options.scheduler.nowMs() + drainMs;
-    while (this.queue.stats().queuedEntries > 0 && this.options.scheduler.nowMs() < deadline) {
+    this.limitDrain(drainMs);
+    while (this.queue.stats().queuedEntries > 0 && this.options.scheduler.nowMs() < this.drainUntilMs) {
       await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
     }
     await this.shipper.stop();
     const queued = this.queue.stats();
     await this.close();
     return { entriesNotAcknowledged: queued.queuedEntries, bytesNotAcknowledged: queued.queuedBytes, syncInterrupted };
+  }
+
+  /** Makes a drain under way (or a later one) end within `drainMs` from now (an appliance that stops cuts a long one short). */
+  limitDrain(drainMs: number): void {
+    this.drainUntilMs = Math.min(this.drainUntilMs, this.options.scheduler.nowMs() + drainMs);
   }
 
   /** Closes the state, the dirty-region log (its regions kept for the next start) and the queue. */

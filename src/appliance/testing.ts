@@ -108,10 +108,13 @@ export async function makeTwoSites(dir: string, options: TwoSitesOptions = {}): 
   };
 }
 
-/** Rewrites the source's configuration with or without its protect entry for pg1 (takes effect at its next start). */
-export function setSourceProtection(sites: TwoSites, protect: boolean): void {
+/**
+ * Rewrites the source's configuration with or without its protect entry for pg1, or with another
+ * entry in its place (takes effect at its next start).
+ */
+export function setSourceProtection(sites: TwoSites, protect: boolean | Record<string, unknown>): void {
   const config = JSON.parse(fs.readFileSync(sites.sourceConfigPath, 'utf8')) as { protect: unknown[] };
-  config.protect = protect ? [sites.protectEntry] : [];
+  config.protect = protect === false ? [] : [protect === true ? sites.protectEntry : protect];
   fs.writeFileSync(sites.sourceConfigPath, JSON.stringify(config, null, 2));
 }
 
