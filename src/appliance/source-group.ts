@@ -255,6 +255,7 @@ export class SourceGroup {
   private deltaRequested = false;
   /** When `stop` gives up waiting for the target (see `limitDrain`). */
   private drainUntilMs = Infinity;
+  private volumeFlushFailedThisRun = false;
   /** The group's protection is being removed: quiesces are refused. */
   private ending = false;
   /** The sync `begin` starts (decided at open, its begin marker already queued). */
@@ -361,6 +362,7 @@ export class SourceGroup {
       volumes: new Map(options.volumes.map((volume) => [volume.id, volume.file.sizeBytes])),
       // A region is cleared only once its acknowledged writes are durable on the volume too (see dirty-log.ts).
       flushVolumes: () => group.flushVolumes(),
+      onVolumeFlushFailed: (error: unknown) => group.recordVolumeFlushFailed(error),
     };
     let dirtyLog: DirtyRegionLog;
     let dirtyLogDamaged: string | undefined;
@@ -395,6 +397,8 @@ export class SourceGroup {
         .join('; ');
     }
     if (owed !== undefined && state.initialSyncDone) {
+      // The delta sync owed now is what an earlier run's failed flush called for (one in this run is recorded again).
+      delete group.state.volumeFlushFailed;
       try {
         await group.oweDeltaSync(owed);
       } catch (error) {
@@ -533,6 +537,8 @@ export class SourceGroup {
       // The new session's first entry opens (or extends) a sync window at the target: until the resync of the
       // discarded ranges ends, no point after them is an image of the source, even one before that resync starts.
       this.pushMarker('sync-begin', this.syncMarkerName('resync', { initial: false, delta: undefined }));
+      // A resync runs even when nothing was discarded but markers: its end closes the window.
+      this.resyncFollowUp ??= { initial: false, delta: undefined };
       // The new session's WELCOME acknowledges the discarded sequences: their regions must be owed a resync
       // in the dirty-region log before (the resync of the discarded ranges clears them when it ends).
       this.dirtyLog.beginResync();
@@ -591,9 +597,7 @@ export class SourceGroup {
   /** Persists that a delta sync of every volume is owed (before it starts, so that a crash during it runs it again). */
   private async oweDeltaSync(reason: string): Promise<void> {
     this.deltaOwedGeneration++;
-    // The delta sync owed is what a failed flush of an earlier run called for.
-    const { volumeFlushFailed: _settled, ...state } = this.state;
-    this.state = { ...state, deltaSyncOwed: reason };
+    this.state = { ...this.state, deltaSyncOwed: reason };
     await this.writeState('a delta sync is owed');
   }
 
@@ -605,14 +609,19 @@ export class SourceGroup {
     try {
       await Promise.all(this.options.volumes.map((volume) => volume.file.flush()));
     } catch (error) {
-      const message = (error as Error).message;
-      this.options.logger.error('cannot flush the source volumes: what was written before may be missing from them; the next start runs a delta sync', { group: this.name, error: message });
-      if (this.state.volumeFlushFailed === undefined) {
-        this.state = { ...this.state, volumeFlushFailed: `${new Date(this.options.scheduler.nowMs()).toISOString()}: ${message}` };
-        void this.writeState('a failed flush of the volumes').catch(() => undefined);
-      }
+      this.dirtyLog.noteVolumeFlushFailed(error);
       throw error;
     }
+  }
+
+  /** A flush of the volumes failed (here, for the guest, or for a clear): recorded once per run in the group's state. */
+  private recordVolumeFlushFailed(error: unknown): void {
+    if (this.volumeFlushFailedThisRun) return;
+    this.volumeFlushFailedThisRun = true;
+    const message = error instanceof Error ? error.message : String(error);
+    this.options.logger.error('cannot flush the source volumes: what was written before may be missing from them; the next start runs a delta sync', { group: this.name, error: message });
+    this.state = { ...this.state, volumeFlushFailed: `${new Date(this.options.scheduler.nowMs()).toISOString()}: ${message}` };
+    void this.writeState('a failed flush of the volumes').catch(() => undefined);
   }
 
   /** Queues a write of the group's state file after the ones before it; resolves once it is durable. */
@@ -653,7 +662,8 @@ export class SourceGroup {
   private async runSync(regions: SyncRegion[], settles: SyncSettles): Promise<void> {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
-    const bitmapEpisodes = this.queue.stats().bitmapEpisodes;
+    // An episode under way (its new session not started yet) discards this sync's first entries too.
+    const bitmapEpisodes = this.queue.stats().bitmapEpisodes - (this.queue.mode === 'bitmap' || this.sessionChanging ? 1 : 0);
     // The marker names the sync: the target marks the stretch up to sync-end as not consistent, from the start for an initial sync.
     this.pushMarker('sync-begin', this.syncMarkerName(this.sync.state, settles));
     for (const region of regions) {
@@ -819,9 +829,11 @@ export class SourceGroup {
    */
   async requestDeltaSync(reason: string): Promise<SyncProgress> {
     if (!this.state.initialSyncDone) throw new Error(`group '${this.name}' has not completed its initial sync; that sync ships every block anyway`);
-    const busy = (): boolean => this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync' || this.deltaRequested;
+    const busy = (): boolean =>
+      this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync' || this.deltaRequested || this.queue.mode === 'bitmap' || this.sessionChanging;
     if (busy()) {
-      throw new Error(`group '${this.name}' is in ${this.syncStatus().state} (${this.syncStatus().reason ?? 'no reason given'}); a delta sync can start once it is in sync`);
+      const why = this.queue.mode === 'bitmap' || this.sessionChanging ? `its queue overflowed (${this.queue.stats().modeReason}); the resync of the discarded ranges comes first` : `it is in ${this.syncStatus().state} (${this.syncStatus().reason ?? 'no reason given'})`;
+      throw new Error(`group '${this.name}' cannot start a delta sync now: ${why}; it can start once the group is in sync`);
     }
     // Owed first, durably: a crash before its end runs it again at the next start.
     this.deltaRequested = true;
@@ -965,6 +977,8 @@ export class SourceGroup {
     await this.stateWriting;
     await this.dirtyLog.flushClears();
     await this.dirtyLog.close();
+    // The last clears may have failed a flush, which the state records.
+    await this.stateWriting;
     await this.queue.close();
   }
 }

@@ -425,6 +425,27 @@ class RecordingStore implements BackingStore {
   }
 }
 
+test('a guest flush that fails through DirtyGateStore keeps the dirty regions dirty, though the next flush for a clear succeeds', async () => {
+  const disk = new SimulatedDisk();
+  const failures: string[] = [];
+  const { log, scheduler } = await openLog(disk, { clearsFlushMs: 1000, flushVolumes: async () => undefined, onVolumeFlushFailed: (error) => failures.push((error as Error).message) });
+  const store = new MemoryBackingStore(8 * region);
+  const failing: BackingStore = Object.create(store) as BackingStore;
+  failing.flush = () => Promise.reject(new Error('EIO (write-back)'));
+  const gate = new DirtyGateStore(failing, { log, volume: 1 });
+  await gate.write(Buffer.alloc(100, 1), 0);
+  log.noteWritten(1, 0, 100, 1);
+  await assert.rejects(gate.flush(), /EIO/);
+  assert.deepEqual(failures, ['EIO (write-back)']);
+  assert.equal(log.stats().pinnedRegions, 1);
+  assert.equal(log.stats().volumeFlushError, 'EIO (write-back)');
+  log.acknowledged(1);
+  scheduler.advance(1000);
+  await settle();
+  await log.close();
+  assert.deepEqual(await reopenedRegions(disk), ['1:0'], 'the region of a write the failed flush may have lost stays dirty');
+});
+
 test('DirtyGateStore waits for the durable mark before the inner write; a durable region goes straight through', async () => {
   const disk = new SimulatedDisk();
   const events: string[] = [];

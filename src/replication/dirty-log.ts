@@ -143,6 +143,8 @@ export interface DirtyRegionLogOptions {
    * flush that succeeds does not vouch for writes an earlier one failed to write back).
    */
   flushVolumes?: () => Promise<void>;
+  /** Told of every failed flush of the volumes the log hears of (see `noteVolumeFlushFailed`). */
+  onVolumeFlushFailed?: (error: unknown) => void;
 }
 
 export interface DirtyLogOpenReport {
@@ -246,6 +248,7 @@ export class DirtyRegionLog {
   private readonly clearsPendingMax: number;
   private readonly logAppendBytesMax: number;
   private readonly flushVolumes: (() => Promise<void>) | undefined;
+  private readonly onVolumeFlushFailed: ((error: unknown) => void) | undefined;
 
   private readonly states = new Map<number, RegionState>();
   /** Durable as dirty on disk (as far as a crash now could tell). */
@@ -287,6 +290,7 @@ export class DirtyRegionLog {
     this.clearsPendingMax = options.clearsPendingMax ?? clearsPendingMaxDefault;
     this.logAppendBytesMax = options.logAppendBytesMax ?? logAppendBytesMaxDefault;
     this.flushVolumes = options.flushVolumes;
+    this.onVolumeFlushFailed = options.onVolumeFlushFailed;
     this.openReport = report;
   }
 
@@ -470,6 +474,21 @@ export class DirtyRegionLog {
     return out;
   }
 
+  /**
+   * A flush of the volumes failed (for a clear, for the guest, or for anyone else sharing the files).
+   * Linux forgets a failed write-back once it has reported it, so no later flush proves that writes
+   * made before this one are on the volume: every region that may hold one (dirty, or clean but not
+   * yet cleared) stays dirty, as the log has it now, until the next open resyncs it.
+   */
+  noteVolumeFlushFailed(error: unknown): void {
+    for (const key of this.persisted) this.pinned.add(key);
+    for (const key of this.states.keys()) this.pinned.add(key);
+    for (const key of this.clearsPending) this.pinned.add(key);
+    this.clearsPending.clear();
+    this.volumeFlushError = error instanceof Error ? error.message : String(error);
+    this.onVolumeFlushFailed?.(error);
+  }
+
   /** Persists the clears of every region clean so far (for a clean stop, or a test). */
   async flushClears(): Promise<void> {
     this.clearTimer?.cancel();
@@ -621,13 +640,8 @@ export class DirtyRegionLog {
         try {
           await this.flushVolumes();
         } catch (error) {
-          // Linux forgets a failed write-back once it has reported it, so no later flush proves that writes
-          // made before this one are on the volume: every region that may hold one stays dirty (in the log
-          // as it is now) until the next open resyncs it.
           for (const key of keys) this.pinned.add(key);
-          for (const key of this.persisted) this.pinned.add(key);
-          for (const key of this.states.keys()) this.pinned.add(key);
-          this.volumeFlushError = (error as Error).message;
+          this.noteVolumeFlushFailed(error);
           this.counters.clearsDeferred++;
           return;
         }
@@ -861,7 +875,11 @@ export class DirtyGateStore implements BackingStore {
   }
 
   flush(): Promise<void> {
-    return this.inner.flush();
+    // A guest's flush that fails takes the volume's write-back error: a later flush for a clear would succeed.
+    return this.inner.flush().catch((error: unknown) => {
+      this.log.noteVolumeFlushFailed(error);
+      throw error;
+    });
   }
 
   cache(offset: number, lengthBytes: number): Promise<void> {
@@ -876,7 +894,13 @@ export class DirtyGateStore implements BackingStore {
     return this.inner.close();
   }
 
-  private gated(offset: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+  private gated(offset: number, lengthBytes: number, applyToStore: () => Promise<void>): Promise<void> {
+    // A failed mutation may be a write-back error reported to it (a FUA write syncs): treat it as a failed flush.
+    const apply = (): Promise<void> =>
+      applyToStore().catch((error: unknown) => {
+        this.log.noteVolumeFlushFailed(error);
+        throw error;
+      });
     try {
       if (this.log.markDirtyFast(this.volume, offset, lengthBytes)) return apply();
       return this.log.markDirty(this.volume, offset, lengthBytes).then(apply);
