@@ -428,6 +428,8 @@ export class SourceGroup {
   private accept(event: TapEvent): void {
     const volume = this.volumeIdOf(event.volume);
     if (event.kind === 'failed') {
+      // A sync read that failed: the sync fails with it and starts again; the region was never marked.
+      if (event.origin === 'sync') return;
       // The store failed the mutation: the range's content is unknown, so it must be read and sent again.
       this.options.logger.error('a write failed at the source; its range will be resynced', { group: this.name, volume: event.volume, offset: event.offset, lengthBytes: event.lengthBytes });
       this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, undefined);

@@ -11,7 +11,8 @@
  * the events in order therefore ends with the same bytes as the store.
  *
  * A mutation that the store fails is still delivered, as kind `failed`, so a
- * consumer knows that range's content is unknown and must be resynchronised.
+ * consumer knows that range's content is unknown and must be resynchronised
+ * (a sync read that fails keeps its origin 'sync': it changed nothing).
  */
 import { writeDataLength, type BackingStore, type Extent, type WriteData, type ZeroOptions } from './backing-store.js';
 
@@ -163,7 +164,9 @@ export class Tap implements BackingStore {
       try {
         await apply();
       } catch (error) {
-        this.complete({ volume: event.volume, sequence, sourceTimeMs: event.sourceTimeMs, offset, lengthBytes, kind: 'failed' });
+        const failed: TapEvent = { volume: event.volume, sequence, sourceTimeMs: event.sourceTimeMs, offset, lengthBytes, kind: 'failed' };
+        if (origin) failed.origin = origin;
+        this.complete(failed);
         throw error;
       }
       this.complete(event);
