@@ -195,7 +195,12 @@ export class ControlApi {
         const name = body['name'];
         if (typeof kind !== 'string' || !/^[a-z][a-z0-9-]{0,31}$/.test(kind) || kind.startsWith('sync-')) throw new ApiError(400, 'bad-request', `'kind' must be a lower-case word (not sync-*)`);
         if (name !== undefined && (typeof name !== 'string' || name.length === 0 || name.length > 256)) throw new ApiError(400, 'bad-request', `'name' must be a string of 1 to 256 characters`);
-        return { group: group.name, ...group.checkpoint(kind, name as string | undefined) };
+        try {
+          return { group: group.name, ...group.checkpoint(kind, name as string | undefined) };
+        } catch (error) {
+          // A sync runs or waits: the target is not consistent until it ends.
+          throw new ApiError(409, 'cannot-checkpoint', (error as Error).message);
+        }
       }
       case 'GET /groups/:group/checkpoints': {
         if (!target) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' receives no group '${groupName}'`);

@@ -213,6 +213,8 @@ test('a delta sync asked for and cut short by a crash of the source runs again a
   await running.target.stop();
   const asked = await running.source.api<{ sync: SourceGroupStatus['sync'] }>('POST', '/v1/groups/pg1/sync', { mode: 'delta' });
   assert.equal(asked.sync.state, 'delta-sync');
+  // No checkpoint while it runs: a conflict, not an internal error.
+  await assert.rejects(running.source.api('POST', '/v1/groups/pg1/checkpoint', { kind: 'tagged' }), /409.*cannot-checkpoint.*while it is in delta-sync/s);
   await running.source.kill();
 
   running.source = await startAppliance({ dataDir: running.sites.sourceDataDir, configPath: running.sites.sourceConfigPath });
