@@ -516,6 +516,11 @@ export class SourceGroup {
     return this.syncEndPending?.settles.delta !== this.deltaOwedGeneration;
   }
 
+  /** The queue is discarding entries, or the new session after that has not begun yet. */
+  private overflowUnderway(): boolean {
+    return this.queue.mode === 'bitmap' || this.sessionChanging;
+  }
+
   /** Every volume of the group, whole (what an initial or delta sync covers). */
   private everyVolume(): SyncRegion[] {
     return this.options.volumes.map((volume) => ({ volume: volume.id, offset: 0, lengthBytes: volume.file.sizeBytes }));
@@ -665,7 +670,7 @@ export class SourceGroup {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
     // An episode under way (its new session not started yet) discards this sync's first entries too.
-    const bitmapEpisodes = this.queue.stats().bitmapEpisodes - (this.queue.mode === 'bitmap' || this.sessionChanging ? 1 : 0);
+    const bitmapEpisodes = this.queue.stats().bitmapEpisodes - (this.overflowUnderway() ? 1 : 0);
     // The marker names the sync: the target marks the stretch up to sync-end as not consistent, from the start for an initial sync.
     this.pushMarker('sync-begin', this.syncMarkerName(this.sync.state, settles));
     for (const region of regions) {
@@ -832,9 +837,9 @@ export class SourceGroup {
   async requestDeltaSync(reason: string): Promise<SyncProgress> {
     if (!this.state.initialSyncDone) throw new Error(`group '${this.name}' has not completed its initial sync; that sync ships every block anyway`);
     const busy = (): boolean =>
-      this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync' || this.deltaRequested || this.queue.mode === 'bitmap' || this.sessionChanging;
+      this.syncActive || this.sync.state !== 'in-sync' || this.syncStatus().state !== 'in-sync' || this.deltaRequested || this.overflowUnderway();
     if (busy()) {
-      const why = this.queue.mode === 'bitmap' || this.sessionChanging ? `its queue overflowed (${this.queue.stats().modeReason}); the resync of the discarded ranges comes first` : `it is in ${this.syncStatus().state} (${this.syncStatus().reason ?? 'no reason given'})`;
+      const why = this.overflowUnderway() ? `its queue overflowed (${this.queue.stats().modeReason}); the resync of the discarded ranges comes first` : `it is in ${this.syncStatus().state} (${this.syncStatus().reason ?? 'no reason given'})`;
       throw new Error(`group '${this.name}' cannot start a delta sync now: ${why}; it can start once the group is in sync`);
     }
     // Owed first, durably: a crash before its end runs it again at the next start.

@@ -640,7 +640,7 @@ export class DirtyRegionLog {
         try {
           await this.flushVolumes();
         } catch (error) {
-          for (const key of keys) this.pinned.add(key);
+          // The round's regions are still persisted, so this pins them too.
           this.noteVolumeFlushFailed(error);
           this.counters.clearsDeferred++;
           return;
@@ -876,10 +876,7 @@ export class DirtyGateStore implements BackingStore {
 
   flush(): Promise<void> {
     // A guest's flush that fails takes the volume's write-back error: a later flush for a clear would succeed.
-    return this.inner.flush().catch((error: unknown) => {
-      this.log.noteVolumeFlushFailed(error);
-      throw error;
-    });
+    return this.inner.flush().catch(this.storeFailed);
   }
 
   cache(offset: number, lengthBytes: number): Promise<void> {
@@ -894,16 +891,16 @@ export class DirtyGateStore implements BackingStore {
     return this.inner.close();
   }
 
-  private gated(offset: number, lengthBytes: number, applyToStore: () => Promise<void>): Promise<void> {
-    // A failed mutation may be a write-back error reported to it (a FUA write syncs): treat it as a failed flush.
-    const apply = (): Promise<void> =>
-      applyToStore().catch((error: unknown) => {
-        this.log.noteVolumeFlushFailed(error);
-        throw error;
-      });
+  /** A failed mutation or flush may carry a write-back error reported to it (a FUA write syncs): a failed flush for the log. */
+  private readonly storeFailed = (error: unknown): never => {
+    this.log.noteVolumeFlushFailed(error);
+    throw error;
+  };
+
+  private gated(offset: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
     try {
-      if (this.log.markDirtyFast(this.volume, offset, lengthBytes)) return apply();
-      return this.log.markDirty(this.volume, offset, lengthBytes).then(apply);
+      if (this.log.markDirtyFast(this.volume, offset, lengthBytes)) return apply().catch(this.storeFailed);
+      return this.log.markDirty(this.volume, offset, lengthBytes).then(() => apply().catch(this.storeFailed));
     } catch (error) {
       return Promise.reject(error);
     }
