@@ -22,6 +22,7 @@ import type { Hello } from '../replication/wire.js';
 import type { RecoveryView } from '../journal/view.js';
 import type { ViewPoint } from '../journal/journal.js';
 import { checkProtectVolumes, type ApplianceConfig, type ProtectConfig } from './config.js';
+import { controlChangesFileName, controlChangesNow, protectionInForce, type ControlChanges, type ProtectionInForce } from './control-changes.js';
 import { ControlApi } from './control-api.js';
 import { SourceGroup, type SourceGroupStatus, type SyncState } from './source-group.js';
 import { TargetGroup, type TargetGroupStatus } from './target-group.js';
@@ -53,6 +54,20 @@ export interface ApplianceStatus {
   groups: (SourceGroupStatus | TargetGroupStatus)[];
   /** The replication receiver's counters since start (present when the appliance receives groups). */
   receiver?: Receiver['counters'];
+  /**
+   * Where the protection and limits come from: the configuration file alone, or with the changes made
+   * through the control API (`<data>/control-changes.json`, last recorded at `recordedMs`). `dropped`:
+   * a record made over an older version of the file, set aside at this start.
+   */
+  configuration: { from: ProtectionInForce['from']; recordedMs?: number; dropped?: ProtectionInForce['dropped'] };
+}
+
+/** A change made through the control API is in force but could not be recorded, so it would not outlive a restart. */
+export class ControlChangeNotRecorded extends Error {
+  constructor(what: string, filePath: string, cause: Error) {
+    super(`${what}, but cannot record the change (${cause.message}), so a restart of the appliance would undo it: path is ${filePath}`, { cause });
+    this.name = 'ControlChangeNotRecorded';
+  }
 }
 
 interface ServedVolume {
@@ -122,6 +137,9 @@ export class Appliance {
   private volumeProtection: VolumeProtectionState = { version: 1, volumes: {} };
   /** Protection changes (add, remove) run one after another. */
   private protectionChanges: Promise<unknown> = Promise.resolve();
+  /** Writes of `<data>/control-changes.json`, one after another. */
+  private controlChangesWriting: Promise<unknown> = Promise.resolve();
+  private configuration: ApplianceStatus['configuration'] = { from: 'file' };
   readonly addresses: ApplianceStatus['addresses'] = { control: '' };
 
   private constructor(options: ApplianceOptions, identity: TlsIdentity) {
@@ -173,7 +191,9 @@ export class Appliance {
       }
       await this.startReceiving(config.receive.listen);
     }
-    for (const protect of config.protect) await this.addSource(protect);
+    const inForce = await this.readProtectionInForce();
+    this.rateLimit.setRate(inForce.rateLimitBytesPerSecond);
+    for (const protect of inForce.protect) await this.serially(() => this.addSourceNow(protect));
     if (config.nbd) await this.startNbd(config.nbd.listen);
     this.control = new ControlApi(this, this.logger);
     this.addresses.control = await this.control.listen(config.control.listen);
@@ -265,6 +285,65 @@ export class Appliance {
     this.volumeProtection = next;
   }
 
+  private get controlChangesPath(): string {
+    return path.join(this.options.dataDirectory, controlChangesFileName);
+  }
+
+  /** The file's protection, or the one the control API left in force over this same file. */
+  private async readProtectionInForce(): Promise<ProtectionInForce> {
+    const recordPath = this.controlChangesPath;
+    const recorded = await readStateFile<ControlChanges>(this.fileSystem, recordPath);
+    const inForce = protectionInForce(this.config, recorded, recordPath);
+    this.configuration = { from: inForce.from, ...(inForce.from === 'control-changes' ? { recordedMs: recorded!.recordedMs } : {}) };
+    if (inForce.dropped) {
+      this.configuration.dropped = inForce.dropped;
+      this.logger.warn('the configuration file changed since protection or limits were changed through the control API: the file is used, and those changes are dropped', {
+        path: recordPath,
+        recordedMs: inForce.dropped.recordedMs,
+        droppedGroups: inForce.dropped.groups,
+        droppedRateLimitBytesPerSecond: inForce.dropped.rateLimitBytesPerSecond,
+      });
+      await this.fileSystem.unlink(recordPath);
+      await this.fileSystem.fsyncDirectory(this.options.dataDirectory);
+    } else if (inForce.from === 'control-changes') {
+      this.logger.info('using the protection and limits last changed through the control API', { path: recordPath, recordedMs: recorded!.recordedMs, groups: inForce.protect.map((entry) => entry.group) });
+    }
+    return inForce;
+  }
+
+  /**
+   * Records (durably) the protection and limits in force now, so that a restart keeps what the
+   * control API changed. Writes run one after another, each with the state when it begins.
+   */
+  private recordControlChanges(what: string): Promise<void> {
+    const write = async (): Promise<void> => {
+      const protect = [...this.sources.values()].map((source) => ({ ...source.config, rateLimitBytesPerSecond: source.rateLimit.rateBytesPerSecond }));
+      const record = controlChangesNow(this.config, protect, this.rateLimit.rateBytesPerSecond, this.scheduler.nowMs());
+      try {
+        await writeStateFile(this.fileSystem, this.controlChangesPath, record);
+      } catch (error) {
+        this.logger.error('cannot record a change made through the control API; a restart would undo it', { change: what, path: this.controlChangesPath, error: (error as Error).message });
+        throw new ControlChangeNotRecorded(what, this.controlChangesPath, error as Error);
+      }
+      this.configuration = { from: 'control-changes', recordedMs: record.recordedMs };
+    };
+    const done = this.controlChangesWriting.then(write);
+    this.controlChangesWriting = done.catch(() => undefined);
+    return done;
+  }
+
+  /** Sets the appliance's rate limit (0: none) and records it. */
+  async setRateLimit(bytesPerSecond: number): Promise<void> {
+    this.rateLimit.setRate(bytesPerSecond);
+    await this.recordControlChanges(`The appliance's rate limit is ${bytesPerSecond} bytes/s`);
+  }
+
+  /** Sets a source group's own rate limit (0: none) and records it. */
+  async setGroupRateLimit(group: SourceGroup, bytesPerSecond: number): Promise<void> {
+    group.setRate(bytesPerSecond);
+    await this.recordControlChanges(`Group '${group.name}' has a rate limit of ${bytesPerSecond} bytes/s`);
+  }
+
   /** Runs protection changes one at a time. */
   private serially<T>(change: () => Promise<T>): Promise<T> {
     const done = this.protectionChanges.then(change);
@@ -277,7 +356,11 @@ export class Appliance {
    * while they are served: clients stay connected, and the group's first sync sees every write.
    */
   addSource(protect: ProtectConfig): Promise<SourceGroup> {
-    return this.serially(() => this.addSourceNow(protect));
+    return this.serially(async () => {
+      const group = await this.addSourceNow(protect);
+      await this.recordControlChanges(`Group '${protect.group}' is protected`);
+      return group;
+    });
   }
 
   private async addSourceNow(protect: ProtectConfig): Promise<SourceGroup> {
@@ -364,6 +447,7 @@ export class Appliance {
       }
       const removed: ProtectionRemoved = { group: groupName, volumes: [...names], ...stopped, endCheckpoint };
       this.logger.info('protection removed', { ...removed });
+      await this.recordControlChanges(`The protection of group '${groupName}' is removed`);
       return removed;
     });
   }
@@ -396,6 +480,7 @@ export class Appliance {
       volumes: [...this.volumes.values()].map((volume) => ({ name: volume.name, sizeBytes: volume.file.sizeBytes, group: owner.get(volume.name), path: volume.path })),
       groups: [...[...this.sources.values()].map((source) => source.status()), ...[...this.targets.values()].map((target) => target.status())],
       ...(this.receiver ? { receiver: { ...this.receiver.counters } } : {}),
+      configuration: { ...this.configuration },
     };
   }
 
@@ -438,6 +523,7 @@ export class Appliance {
     // started; a removal's drain is cut to what a stop allows.
     for (const source of this.sources.values()) source.limitDrain(stopDrainMsMax);
     await this.protectionChanges;
+    await this.controlChangesWriting;
     if (this.nbd) await this.nbd.close();
     for (const name of [...this.views.keys()]) await this.closeView(name);
     await Promise.all([...this.sources.values()].map((source) => source.stop(stopDrainMsMax)));

@@ -207,6 +207,21 @@ export function parseProtectConfig(value: unknown, field: string, baseDirectory:
   };
 }
 
+/** A protection entry as the configuration file (and POST /v1/protect) writes it: `parseProtectConfig` reads it back unchanged. */
+export function protectConfigAsFileEntry(entry: ProtectConfig): Record<string, unknown> {
+  const { host, port } = entry.target.address;
+  return {
+    group: entry.group,
+    volumes: [...entry.volumes],
+    target: { address: host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`, appliance: entry.target.appliance },
+    codec: entry.codec,
+    rateLimitBytesPerSecond: entry.rateLimitBytesPerSecond,
+    rpoMsTarget: entry.rpoMsTarget,
+    queue: { ...entry.queue },
+    linkSilenceMs: entry.linkSilenceMs,
+  };
+}
+
 function parseReceiveGroup(value: unknown, field: string, read: Reader): ReceiveGroupConfig {
   const raw = read.object(value, field, ['group', 'sources', 'volumes', 'historyMs', 'journal']);
   const journal = read.object(raw['journal'], `${field}.journal`, ['unitBytes', 'sizeLimitBytes', 'sizeWarningBytes', 'datastores']);

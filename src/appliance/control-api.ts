@@ -10,6 +10,9 @@
  *   DELETE /v1/groups/:group                   {"drainMs": N} remove protection; the volumes stay served
  *   PUT    /v1/rate                            {"bytesPerSecond": N} the appliance's limit (0: none)
  *   PUT    /v1/groups/:group/rate              {"bytesPerSecond": N} a group's limit
+ *
+ * Protection added or removed and limits set here outlive a restart (`control-changes.ts`); a change
+ * in force that could not be recorded answers 500 `not-recorded`.
  *   POST   /v1/groups/:group/quiesce           {"timeoutMs": N} hold write completions
  *   POST   /v1/groups/:group/release           end the hold
  *   POST   /v1/groups/:group/sync                {"mode": "delta"} compare every block with the target
@@ -22,7 +25,7 @@
 import * as http from 'node:http';
 import type { Logger } from '../util/logger.js';
 import { formatAddress } from '../util/address.js';
-import { ProtectionChangeRefused, stopDrainMsMax, type Appliance } from './appliance.js';
+import { ControlChangeNotRecorded, ProtectionChangeRefused, stopDrainMsMax, type Appliance } from './appliance.js';
 import { ConfigError, parseProtectConfig } from './config.js';
 import type { ViewPoint } from '../journal/journal.js';
 
@@ -101,6 +104,10 @@ export class ControlApi {
       } else if (error instanceof ConfigError) {
         status = 400;
         body = { error: { code: 'bad-config', message: error.message } };
+      } else if (error instanceof ControlChangeNotRecorded) {
+        // The change is in force: the caller learns that a restart would undo it.
+        status = 500;
+        body = { error: { code: 'not-recorded', message: error.message } };
       } else {
         status = 500;
         body = { error: { code: 'internal', message: (error as Error).message } };
@@ -139,6 +146,7 @@ export class ControlApi {
           const group = await appliance.addSource(protect);
           return group.status();
         } catch (error) {
+          if (error instanceof ControlChangeNotRecorded) throw error;
           throw new ApiError(409, 'cannot-protect', (error as Error).message);
         }
       }
@@ -157,13 +165,13 @@ export class ControlApi {
       }
       case 'PUT /rate': {
         const bytesPerSecond = numberField(await readBody(request), 'bytesPerSecond', 0);
-        appliance.rateLimit.setRate(bytesPerSecond);
+        await appliance.setRateLimit(bytesPerSecond);
         return { rateLimitBytesPerSecond: bytesPerSecond };
       }
       case 'PUT /groups/:group/rate': {
         const group = needSource();
         const bytesPerSecond = numberField(await readBody(request), 'bytesPerSecond', 0);
-        group.setRate(bytesPerSecond);
+        await appliance.setGroupRateLimit(group, bytesPerSecond);
         return { group: group.name, rateLimitBytesPerSecond: bytesPerSecond };
       }
       case 'POST /groups/:group/quiesce': {

@@ -16,6 +16,7 @@ import * as path from 'node:path';
 import { makeTempDir, prng, run, testSeed, writeRandomFile } from '../../test/helpers.js';
 import { NbdClient } from '../nbd/client.js';
 import { volumeProtectionFileName } from './appliance.js';
+import { controlChangesFileName } from './control-changes.js';
 import type { SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
 import { filesEqual, makeTwoSites, MiB, setSourceProtection, startAppliance, waitFor, waitInSync, type RunningAppliance, type TwoSites } from './testing.js';
@@ -231,4 +232,51 @@ test('a delta sync asked for and cut short by a crash of the source runs again a
   const clean = await running.source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
   assert.equal(clean.sync.state, 'in-sync', `nothing is owed after a clean stop: ${JSON.stringify(clean.sync)}`);
   assert.equal(clean.sync.reason, undefined);
+});
+
+test('protection and limits changed through the control API outlive a restart (SIGKILL included); an edited configuration file wins over them, and the status says which is in force', async (t) => {
+  const running = await start(t, 'protect-api-restart', false);
+  const { sites } = running;
+  const configuration = async (): Promise<{ from: string; recordedMs?: number; dropped?: { groups: string[] } }> =>
+    (await running.source.api<{ configuration: { from: string; recordedMs?: number; dropped?: { groups: string[] } } }>('GET', '/v1/status')).configuration;
+  assert.equal((await configuration()).from, 'file');
+
+  await running.source.api('POST', '/v1/protect', sites.protectEntry);
+  await running.source.api('PUT', '/v1/groups/pg1/rate', { bytesPerSecond: 7 * MiB });
+  await running.source.api('PUT', '/v1/rate', { bytesPerSecond: 9 * MiB });
+  assert.equal((await configuration()).from, 'control-changes');
+  await waitInSync(running.source, 'the initial sync after protection was added');
+
+  // A crash straight after the changes: each was recorded before it was answered.
+  await running.source.kill();
+  running.source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
+  const status = await running.source.api<{ rateLimitBytesPerSecond: number; configuration: { from: string } }>('GET', '/v1/status');
+  assert.equal(status.configuration.from, 'control-changes');
+  assert.equal(status.rateLimitBytesPerSecond, 9 * MiB);
+  const group = await running.source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
+  assert.equal(group.rateLimitBytesPerSecond, 7 * MiB);
+  await run('qemu-io', ['-f', 'raw', `${running.source.nbd}/disk0`, '-c', `write -P 0x3e ${MiB} ${MiB}`]);
+  await waitInSync(running.source, 'the writes after the restart');
+  await replicaEqualsSource(running, 'after the restart with protection from the control API');
+
+  // Removed through the API: stays removed across a clean restart; the volume is served unprotected.
+  await running.source.api('DELETE', '/v1/groups/pg1');
+  assert.equal(await running.source.stop(), 0);
+  running.source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
+  await assert.rejects(running.source.api('GET', '/v1/groups/pg1'), /404/);
+  assert.equal((await configuration()).from, 'control-changes');
+
+  // Protected again through the API, then the operator edits the file (a limit of its own): the file wins.
+  await running.source.api('POST', '/v1/protect', sites.protectEntry);
+  assert.equal(await running.source.stop(), 0);
+  const config = JSON.parse(fs.readFileSync(sites.sourceConfigPath, 'utf8')) as Record<string, unknown>;
+  fs.writeFileSync(sites.sourceConfigPath, JSON.stringify({ ...config, rateLimitBytesPerSecond: 11 * MiB }, null, 2));
+  running.source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
+  const edited = await running.source.api<{ rateLimitBytesPerSecond: number; configuration: { from: string; dropped?: { groups: string[] } } }>('GET', '/v1/status');
+  assert.equal(edited.configuration.from, 'file');
+  assert.deepEqual(edited.configuration.dropped?.groups, ['pg1']);
+  assert.equal(edited.rateLimitBytesPerSecond, 11 * MiB);
+  await assert.rejects(running.source.api('GET', '/v1/groups/pg1'), /404/);
+  assert.match(running.source.logs(), /the configuration file changed since protection or limits were changed through the control API/);
+  assert.equal(fs.existsSync(path.join(sites.sourceDataDir, controlChangesFileName)), false, 'the dropped record is removed');
 });
