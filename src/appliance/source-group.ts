@@ -36,7 +36,7 @@ import { TokenBucket } from '../replication/rate.js';
 import { sleep, type Scheduler } from '../replication/scheduler.js';
 import { Shipper, type ShipperStats } from '../replication/shipper.js';
 import { StreamQueue, type ByteRange } from '../replication/queue.js';
-import { blockSumBytes, blockSums } from '../replication/wire.js';
+import { blockSumBytes, blockSums, type Welcome } from '../replication/wire.js';
 import { DirtyGateStore, DirtyLogDamagedError, DirtyRegionLog } from '../replication/dirty-log.js';
 import type { ProtectConfig } from './config.js';
 
@@ -275,6 +275,8 @@ export class SourceGroup {
    * this one would have settled in the group's state (the initial sync, an owed delta sync).
    */
   private resyncFollowUp: SyncSettles | undefined;
+  /** The sequence of the last `sync-end` marker this group queued (0: none yet). */
+  private syncEndSequenceLast = 0;
   /** A sync's end marker, and what its acknowledgement settles in the group's state (persisted then). */
   private syncEndPending: { sequence: number; settles: SyncSettles } | undefined;
   private stateWriting: Promise<void> = Promise.resolve();
@@ -334,7 +336,28 @@ export class SourceGroup {
         this.dirtyLog.acknowledged(sequence);
         this.acknowledged(sequence);
       },
+      onWelcome: (welcome) => this.targetWelcomed(welcome),
     });
+  }
+
+  /**
+   * The target says a sync window of this appliance is open there. A sync running, waiting or owed
+   * here ends it, as does a `sync-end` still on its way; when none is, the window would stay open for
+   * good (every later point unrecoverable), as after a crash that came between a `sync-begin` and
+   * its resync's end when the resync had nothing to read. Then an empty resync runs: the dirty-region
+   * log still owes every region the target has not acknowledged, so nothing else is missing there,
+   * and its end closes the window.
+   */
+  private targetWelcomed(welcome: Welcome): void {
+    const window = welcome.syncWindowOpen;
+    if (!window || this.stopping) return;
+    if (this.syncEndSequenceLast > welcome.sequenceDurable) return;
+    if (this.syncActive || this.sync.state !== 'in-sync' || this.syncRetry || this.resyncFollowUp || this.resyncPending.length > 0) return;
+    if (this.overflowUnderway() || this.deltaSyncWaiting()) return;
+    const since = window.beginTimeMs === 0 ? 'the start of the protection' : new Date(window.beginTimeMs).toISOString();
+    this.resyncFollowUp = { initial: false, delta: undefined };
+    this.resyncPendingReason = `the target holds the ${window.sync} window open since ${since}, and no sync here would end it`;
+    this.options.logger.warn('the target holds a sync window open that no sync here would end: an empty resync ends it', { group: this.name, sync: window.sync, beginTimeMs: window.beginTimeMs });
   }
 
   /**
@@ -719,6 +742,7 @@ export class SourceGroup {
       this.resyncFollowUp = mergeSettles(this.resyncFollowUp, settles);
       this.options.logger.warn('sync ended after the queue discarded entries; the discarded ranges are resynced next', { group: this.name, state: this.sync.state });
     } else {
+      this.syncEndSequenceLast = end.sequence;
       // The regions are clean, and the initial (or owed delta) sync done, once the end marker is acknowledged.
       this.dirtyLog.endResync(resyncToken, end.sequence);
       if (settles.initial || settles.delta !== undefined) this.syncEndPending = { sequence: end.sequence, settles };

@@ -211,12 +211,14 @@ export class TargetGroup {
     const streamRecord = record;
     const journalStream = streamRecord.stream;
     const sequenceDurable = streamRecord.sequenceBase + (this.journal.status().streams.find((entry) => entry.stream === journalStream)?.sequenceLast ?? 0);
+    const window = (this.state.syncWindows ?? []).find((candidate) => candidate.appliance === hello.appliance && candidate.endLsn === undefined);
     this.connected.add(journalStream);
     const group = this;
     const sums = new SumsReader(this.journal, streamRecord.volumes, this.name, this.options.clock);
     return {
       stream: {
         sequenceDurable,
+        ...(window ? { syncWindowOpen: { sync: window.sync, beginTimeMs: window.beginTimeMs } } : {}),
         append: (entries) => group.append(streamRecord, entries),
         sums: (volume, offset, lengthBytes, blockBytes) => sums.sums(volume, offset, lengthBytes, blockBytes),
         release: () => {

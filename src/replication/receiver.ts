@@ -39,6 +39,8 @@ export const receiveBytesPendingMax = 256 * 1024 * 1024;
 export interface ReceiverStream {
   /** Highest sequence of this stream and epoch durable in the journal (0: none). */
   readonly sequenceDurable: number;
+  /** The source appliance's sync window open at the target when the stream opened (told in the WELCOME). */
+  readonly syncWindowOpen?: { sync: string; beginTimeMs: number };
   /**
    * Appends entries (consecutive, starting at sequenceDurable + 1); resolves once they are durable.
    * The receiver calls it again before an earlier call has resolved (pipelining, so that the
@@ -249,6 +251,7 @@ class ReceiverSession {
     }
     this.sequenceNext = this.stream.sequenceDurable + 1;
     const welcome: Welcome = { protocolVersion, epoch: hello.epoch, sequenceDurable: this.stream.sequenceDurable, appliance: receiver.settings.appliance };
+    if (this.stream.syncWindowOpen) welcome.syncWindowOpen = this.stream.syncWindowOpen;
     this.link.send('welcome', encodeJson(welcome));
     receiver.log.info('replication session accepted', { group: hello.group, source: hello.appliance, epoch: hello.epoch, sequenceDurable: welcome.sequenceDurable });
     releaseIdle();

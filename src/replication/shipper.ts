@@ -34,6 +34,7 @@ import {
   protocolVersion,
   type Frame,
   type Hello,
+  type Welcome,
   type Refuse,
   type StreamEntry,
   type SumsRequest,
@@ -91,6 +92,8 @@ export interface ShipperOptions {
   logger?: Logger;
   /** Called after the queue has dropped everything up to `sequence` (the dirty-region log clears with it). */
   onAcknowledged?(sequence: number, timeMsDurable: number): void;
+  /** A session began: the target's WELCOME (after its sequence was checked and acknowledged). */
+  onWelcome?(welcome: Welcome): void;
 }
 
 export interface ShipperStats {
@@ -351,6 +354,7 @@ export class Shipper {
     this.acknowledge(welcome.sequenceDurable, this.timeMsDurable);
     this.sequenceSent = welcome.sequenceDurable;
     this.logger.info('replication session started', { group: this.options.hello.group, epoch: welcome.epoch, target: welcome.appliance, resumeFrom: welcome.sequenceDurable + 1 });
+    this.options.onWelcome?.(welcome);
   }
 
   private onAck(frame: Frame): void {

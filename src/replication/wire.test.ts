@@ -13,6 +13,7 @@ import {
   decodeBatchBody,
   decodeBatchHeader,
   decodeHello,
+  decodeWelcome,
   encodeAck,
   encodeBatchBody,
   encodeBatchHeader,
@@ -114,6 +115,15 @@ test('HELLO and ACK decode what was encoded and refuse malformed fields', () => 
   assert.throws(() => decodeHello({ type: 'hello', payload: encodeJson({ ...hello, sequenceBase: -1 }) }), /'sequenceBase'/);
   assert.deepEqual(decodeAck({ type: 'ack', payload: encodeAck({ sequenceDurable: 2 ** 40 + 3, timeMsDurable: 1234.5 }) }), { sequenceDurable: 2 ** 40 + 3, timeMsDurable: 1234.5 });
   assert.throws(() => decodeAck({ type: 'ack', payload: Buffer.alloc(15) }), /not 16/);
+});
+
+test('WELCOME decodes what was encoded, with and without an open sync window, and refuses a malformed window', () => {
+  const welcome = { protocolVersion, epoch: 'e-1', sequenceDurable: 42, appliance: 'b1' };
+  assert.deepEqual(decodeWelcome({ type: 'welcome', payload: encodeJson(welcome) }), welcome);
+  const open = { ...welcome, syncWindowOpen: { sync: 'resync', beginTimeMs: 1_700_000_000_000 } };
+  assert.deepEqual(decodeWelcome({ type: 'welcome', payload: encodeJson(open) }), open);
+  assert.throws(() => decodeWelcome({ type: 'welcome', payload: encodeJson({ ...welcome, syncWindowOpen: true }) }), /'syncWindowOpen' is not an object/);
+  assert.throws(() => decodeWelcome({ type: 'welcome', payload: encodeJson({ ...welcome, syncWindowOpen: { sync: 'resync', beginTimeMs: -1 } }) }), /'beginTimeMs' is not a time/);
 });
 
 test('checksum requests and answers decode what was encoded; block checksums see a change of one byte anywhere in a block', () => {

@@ -207,6 +207,12 @@ export interface Welcome {
   sequenceDurable: number;
   /** The target appliance's name. */
   appliance: string;
+  /**
+   * The target holds a sync window of this source appliance open (a `sync-begin` with no `sync-end`
+   * durable): no point after `beginTimeMs` is consistent there until a sync of the source ends.
+   * Absent: no window is open.
+   */
+  syncWindowOpen?: { sync: string; beginTimeMs: number };
 }
 
 /** `cannot-store`: the target could not make a batch durable (journal full, failed, or the batch refused); sent before the link closes, so the source can say why. */
@@ -276,7 +282,14 @@ export function decodeWelcome(frame: Frame): Welcome {
     epoch: field(object, 'epoch', isName, 'an epoch', 'welcome'),
     sequenceDurable: field(object, 'sequenceDurable', isCount, 'a sequence', 'welcome'),
     appliance: field(object, 'appliance', isName, 'a name', 'welcome'),
+    ...(object['syncWindowOpen'] === undefined ? {} : { syncWindowOpen: decodeSyncWindowOpen(object['syncWindowOpen']) }),
   };
+}
+
+function decodeSyncWindowOpen(value: unknown): { sync: string; beginTimeMs: number } {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new WireProtocolError("a welcome frame's 'syncWindowOpen' is not an object");
+  const object = value as Record<string, unknown>;
+  return { sync: field(object, 'sync', isName, 'a name', 'welcome'), beginTimeMs: field(object, 'beginTimeMs', isCount, 'a time', 'welcome') };
 }
 
 export function decodeRefuse(frame: Frame): Refuse {
