@@ -2,14 +2,14 @@
  * Initial sync of a volume whose blocks are allocated but hold zeroes (a raw image preallocated
  * with `qemu-img create -o preallocation=full`, or one a guest zeroed): the zero blocks travel as
  * zero entries, so the wire, the target's journal and its replica carry only the data blocks,
- * and the replica still ends byte-identical to the source.
+ * and the replica still ends byte-identical to the source. The same for a guest's WRITE of zeroes.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
-import { makeTempDir, prng, testSeed } from '../../test/helpers.js';
-import { syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
+import { makeTempDir, prng, run, testSeed } from '../../test/helpers.js';
+import { mayHoldZeroBlock, syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
 import { filesEqual, makeTwoSites, MiB, startSites, waitFor } from './testing.js';
 
@@ -28,6 +28,23 @@ test('zeroAndDataRuns() splits a buffer into runs of whole zero blocks and runs 
     { at: 6 * block, lengthBytes: 100, zero: false },
   ]);
   assert.deepEqual(zeroAndDataRuns(Buffer.alloc(0)), []);
+});
+
+test('mayHoldZeroBlock() finds a block whose first 8 bytes are zero, also across the chunks a socket delivered, and only whole blocks count', () => {
+  const block = syncZeroBlockBytes;
+  const data = Buffer.alloc(4 * block, 0xa5); // no block starts with a zero byte
+  assert.equal(mayHoldZeroBlock(data), false);
+  data.fill(0, 2 * block, 2 * block + 8);
+  assert.equal(mayHoldZeroBlock(data), true);
+  // The same bytes in chunks that split the zero prefix, and in one-byte chunks around it.
+  assert.equal(mayHoldZeroBlock([data.subarray(0, 2 * block + 3), data.subarray(2 * block + 3)]), true);
+  const bytes = [data.subarray(0, 2 * block - 1), ...[...data.subarray(2 * block - 1, 2 * block + 9)].map((byte) => Buffer.from([byte])), data.subarray(2 * block + 9)];
+  assert.equal(mayHoldZeroBlock(bytes), true);
+  data[2 * block + 7] = 9;
+  assert.equal(mayHoldZeroBlock([data.subarray(0, 2 * block + 3), data.subarray(2 * block + 3)]), false);
+  // A short tail of zeroes is no whole block.
+  assert.equal(mayHoldZeroBlock(Buffer.concat([data, Buffer.alloc(block - 1)])), false);
+  assert.equal(mayHoldZeroBlock(Buffer.alloc(0)), false);
 });
 
 test('an initial sync ships the zero blocks of an allocated volume as zero entries and only its data blocks as writes', async (t) => {
@@ -57,6 +74,21 @@ test('an initial sync ships the zero blocks of an allocated volume as zero entri
   assert.ok(status.shipper.rawBytesSent >= dataBytesMax - MiB, `shipped ${status.shipper.rawBytesSent} raw bytes, less than the data`);
   assert.ok(status.shipper.rawBytesSent < dataBytesMax + 256 * 1024, `shipped ${status.shipper.rawBytesSent} raw bytes for at most ${dataBytesMax} bytes of data in a ${volumeBytes}-byte volume`);
   await waitFor('the replica to equal the source', 60_000, async () => {
+    const targetStatus = await target.api<TargetGroupStatus>('GET', '/v1/groups/pg1');
+    return targetStatus.journal.records === 0 && filesEqual(sites.replicaPath, sites.sourceVolumePath) ? true : undefined;
+  }, 250);
+
+  // A guest's WRITEs of zeroes (not WRITE_ZEROES): 8 MiB in one request, and 512 KiB ones beside
+  // 512 KiB of data, go as zero entries; only the data is shipped as data.
+  const before = status.shipper.rawBytesSent;
+  await run('qemu-io', ['-f', 'raw', `${source.nbd}/disk0`, '-c', `write -P 0 0 ${8 * MiB}`, '-c', `write -P 0 ${24 * MiB} ${MiB / 2}`, '-c', `write -P 0x5a ${25 * MiB} ${MiB / 2}`, '-c', `write -P 0 ${26 * MiB} ${MiB / 2}`]);
+  const afterWrites = await waitFor('the guest writes to drain', 60_000, async () => {
+    last = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
+    return last.queue.queuedEntries === 0 && last.rpoMs === 0 ? last : undefined;
+  });
+  const shipped = afterWrites.shipper.rawBytesSent - before;
+  assert.ok(shipped >= MiB / 2 && shipped < MiB / 2 + 64 * 1024, `9.5 MiB written, of which 512 KiB data: ${shipped} raw bytes shipped`);
+  await waitFor('the replica to equal the source after the zero writes', 60_000, async () => {
     const targetStatus = await target.api<TargetGroupStatus>('GET', '/v1/groups/pg1');
     return targetStatus.journal.records === 0 && filesEqual(sites.replicaPath, sites.sourceVolumePath) ? true : undefined;
   }, 250);

@@ -26,7 +26,7 @@
  */
 import * as crypto from 'node:crypto';
 import * as path from 'node:path';
-import type { BackingStore, Extent, WriteData, ZeroOptions } from '../tap/backing-store.js';
+import { writeDataLength, type BackingStore, type Extent, type WriteData, type ZeroOptions } from '../tap/backing-store.js';
 import { Tap, type TapConsumer, type TapEvent } from '../tap/tap.js';
 import type { JournalFileSystem } from '../journal/file-system.js';
 import type { Logger } from '../util/logger.js';
@@ -461,36 +461,10 @@ export class SourceGroup {
       return;
     }
     let sequence: number | undefined;
-    if (event.origin === 'sync' && event.kind === 'write' && event.data !== undefined) {
-      // A sync read: blocks that read as zeroes travel as zero entries (a few bytes each, and a cheap
-      // zero range at the target), whatever the volume's allocation says; the rest as writes.
-      const data = Buffer.isBuffer(event.data) ? event.data : Buffer.concat(event.data);
-      let discarded = false;
-      for (const piece of zeroAndDataRuns(data)) {
-        const offset = event.offset + piece.at;
-        if (piece.zero) {
-          sequence = this.queue.push({ kind: 'zero', volume, offset, lengthBytes: piece.lengthBytes, timeMs: event.sourceTimeMs });
-          if (sequence === undefined) discarded = true;
-          continue;
-        }
-        for (let at = 0; at < piece.lengthBytes; at += streamEntryDataBytesMax) {
-          const lengthBytes = Math.min(streamEntryDataBytesMax, piece.lengthBytes - at);
-          const pieceData = data.subarray(piece.at + at, piece.at + at + lengthBytes);
-          sequence = this.queue.push({ kind: 'write', volume, offset: offset + at, lengthBytes, timeMs: event.sourceTimeMs, data: pieceData });
-          if (sequence === undefined) discarded = true;
-        }
-      }
-      if (discarded) sequence = undefined;
-    } else if (event.data !== undefined && event.lengthBytes > streamEntryDataBytesMax) {
-      // A large write travels as several entries, so that every journal record fits well inside a unit.
-      const data = Buffer.isBuffer(event.data) ? event.data : Buffer.concat(event.data);
-      let discarded = false;
-      for (let at = 0; at < data.length; at += streamEntryDataBytesMax) {
-        const piece = data.subarray(at, Math.min(data.length, at + streamEntryDataBytesMax));
-        sequence = this.queue.push({ kind: 'write', volume, offset: event.offset + at, lengthBytes: piece.length, timeMs: event.sourceTimeMs, data: piece });
-        if (sequence === undefined) discarded = true;
-      }
-      if (discarded) sequence = undefined;
+    if (event.kind === 'write' && event.data !== undefined) {
+      // Blocks that hold only zeroes travel as zero entries (a few bytes each, no journal data, and a
+      // zero range at the target), whether a sync read them or the guest wrote them; the rest as writes.
+      sequence = this.pushData(volume, event.offset, event.data, event.sourceTimeMs);
     } else {
       const input: Parameters<StreamQueue['push']>[0] = { kind: event.kind, volume, offset: event.offset, lengthBytes: event.lengthBytes, timeMs: event.sourceTimeMs };
       if (event.data !== undefined) input.data = event.data;
@@ -501,6 +475,33 @@ export class SourceGroup {
     if (event.origin !== 'sync') this.dirtyLog.noteWritten(volume, event.offset, event.lengthBytes, sequence);
     const dataBytes = event.data !== undefined ? event.lengthBytes : 0;
     this.shipper.wake(dataBytes, Math.max(1, Math.ceil(dataBytes / streamEntryDataBytesMax)));
+  }
+
+  /**
+   * Queues written data as zero entries for its whole zero blocks and write entries (at most
+   * `streamEntryDataBytesMax` each, so that every journal record fits well inside a unit) for the
+   * rest. Returns the last entry's sequence, or undefined when the queue discarded any of them.
+   */
+  private pushData(volume: number, offset: number, data: WriteData, timeMs: number): number | undefined {
+    const lengthBytes = writeDataLength(data);
+    // Most data holds no zero block: it goes as it came (a write in the socket's chunks is not copied).
+    if (!mayHoldZeroBlock(data) && lengthBytes <= streamEntryDataBytesMax) return this.queue.push({ kind: 'write', volume, offset, lengthBytes, timeMs, data });
+    const whole = Buffer.isBuffer(data) ? data : Buffer.concat(data);
+    let sequence: number | undefined;
+    let discarded = false;
+    for (const run of zeroAndDataRuns(whole)) {
+      if (run.zero) {
+        sequence = this.queue.push({ kind: 'zero', volume, offset: offset + run.at, lengthBytes: run.lengthBytes, timeMs });
+        if (sequence === undefined) discarded = true;
+        continue;
+      }
+      for (let at = run.at; at < run.at + run.lengthBytes; at += streamEntryDataBytesMax) {
+        const pieceBytes = Math.min(streamEntryDataBytesMax, run.at + run.lengthBytes - at);
+        sequence = this.queue.push({ kind: 'write', volume, offset: offset + at, lengthBytes: pieceBytes, timeMs, data: whole.subarray(at, at + pieceBytes) });
+        if (sequence === undefined) discarded = true;
+      }
+    }
+    return discarded ? undefined : sequence;
   }
 
   /**
@@ -1017,6 +1018,30 @@ export class SourceGroup {
 /** Blocks of this size that read as zeroes make a sync read's zero runs. */
 export const syncZeroBlockBytes = 4096;
 const zeroBlock = Buffer.alloc(syncZeroBlockBytes);
+
+/**
+ * Whether some whole block of `data` (`syncZeroBlockBytes`, counted from its start) may hold only
+ * zeroes: its first 8 bytes are zero. A cheap filter before `zeroAndDataRuns`, which needs the data
+ * in one buffer; it reads the chunks where they are.
+ */
+export function mayHoldZeroBlock(data: WriteData): boolean {
+  const chunks = Buffer.isBuffer(data) ? [data as Buffer] : (data as readonly Buffer[]);
+  const lengthBytes = writeDataLength(data);
+  let chunk = 0;
+  let chunkStart = 0;
+  for (let at = 0; at + syncZeroBlockBytes <= lengthBytes; at += syncZeroBlockBytes) {
+    let zero = true;
+    for (let position = at; position < at + 8; position++) {
+      while (chunkStart + chunks[chunk]!.length <= position) chunkStart += chunks[chunk++]!.length;
+      if (chunks[chunk]![position - chunkStart] !== 0) {
+        zero = false;
+        break;
+      }
+    }
+    if (zero) return true;
+  }
+  return false;
+}
 
 /**
  * Splits `data` into runs of whole zero blocks (`syncZeroBlockBytes`, counted from the start of
