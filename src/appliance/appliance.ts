@@ -339,9 +339,11 @@ export class Appliance {
   }
 
   /** Sets a source group's own rate limit (0: none) and records it. */
-  async setGroupRateLimit(group: SourceGroup, bytesPerSecond: number): Promise<void> {
+  async setGroupRateLimit(groupName: string, bytesPerSecond: number): Promise<void> {
+    const group = this.sources.get(groupName);
+    if (!group) throw new ProtectionChangeRefused('unknown-group', `Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
     group.setRate(bytesPerSecond);
-    await this.recordControlChanges(`Group '${group.name}' has a rate limit of ${bytesPerSecond} bytes/s`);
+    await this.recordControlChanges(`Group '${groupName}' has a rate limit of ${bytesPerSecond} bytes/s`);
   }
 
   /** Runs protection changes one at a time. */
@@ -441,10 +443,13 @@ export class Appliance {
       let stopped: Awaited<ReturnType<SourceGroup['stop']>>;
       try {
         stopped = await group.stop(drainMs);
-      } finally {
+      } catch (error) {
         // The volumes are served from their files already: the group is gone whether or not it stopped cleanly.
         this.sources.delete(groupName);
+        await this.recordControlChanges(`The protection of group '${groupName}' is removed`).catch(() => undefined);
+        throw error;
       }
+      this.sources.delete(groupName);
       const removed: ProtectionRemoved = { group: groupName, volumes: [...names], ...stopped, endCheckpoint };
       this.logger.info('protection removed', { ...removed });
       await this.recordControlChanges(`The protection of group '${groupName}' is removed`);

@@ -10,6 +10,7 @@
  * are milliseconds or strings such as "30s", "5m", "1h", "30d". Relative paths
  * are resolved against the appliance's data directory.
  */
+import { createHash } from 'node:crypto';
 import * as path from 'node:path';
 import { parseSizeBytes } from '../util/size.js';
 import type { CodecName } from '../replication/codec.js';
@@ -81,6 +82,12 @@ export interface ApplianceConfig {
   volumes: VolumeConfig[];
   protect: ProtectConfig[];
   receive?: { listen: Address; groups: ReceiveGroupConfig[] };
+  /**
+   * SHA-256 of the file's `volumes`, `protect` and `rateLimitBytesPerSecond` as written (set by
+   * `parseApplianceConfig`): what changes made through the control API are made over. Taken before
+   * defaults and `--data` fill anything in, so that neither moves it.
+   */
+  fileDigest?: string;
 }
 
 export const queueMemoryBytesDefault = 256 * 1024 * 1024;
@@ -207,6 +214,11 @@ export function parseProtectConfig(value: unknown, field: string, baseDirectory:
   };
 }
 
+/** SHA-256 (hex) of a JSON value. */
+export function digestOf(value: unknown): string {
+  return createHash('sha256').update(JSON.stringify(value)).digest('hex');
+}
+
 /** A protection entry as the configuration file (and POST /v1/protect) writes it: `parseProtectConfig` reads it back unchanged. */
 export function protectConfigAsFileEntry(entry: ProtectConfig): Record<string, unknown> {
   const { host, port } = entry.target.address;
@@ -286,6 +298,7 @@ export function parseApplianceConfig(value: unknown, baseDirectory: string): App
     rateLimitBytesPerSecond: raw['rateLimitBytesPerSecond'] === undefined ? 0 : read.size(raw['rateLimitBytesPerSecond'], 'rateLimitBytesPerSecond'),
     volumes,
     protect,
+    fileDigest: digestOf({ volumes: raw['volumes'] ?? [], protect: raw['protect'] ?? [], rateLimitBytesPerSecond: raw['rateLimitBytesPerSecond'] ?? 0 }),
   };
   if (config.tls.trustedCas.length === 0) throw new ConfigError('tls.trustedCas', 'name at least one CA that peer certificates must chain to');
   if (raw['nbd'] !== undefined) {

@@ -10,9 +10,6 @@
  *   DELETE /v1/groups/:group                   {"drainMs": N} remove protection; the volumes stay served
  *   PUT    /v1/rate                            {"bytesPerSecond": N} the appliance's limit (0: none)
  *   PUT    /v1/groups/:group/rate              {"bytesPerSecond": N} a group's limit
- *
- * Protection added or removed and limits set here outlive a restart (`control-changes.ts`); a change
- * in force that could not be recorded answers 500 `not-recorded`.
  *   POST   /v1/groups/:group/quiesce           {"timeoutMs": N} hold write completions
  *   POST   /v1/groups/:group/release           end the hold
  *   POST   /v1/groups/:group/sync                {"mode": "delta"} compare every block with the target
@@ -21,6 +18,9 @@
  *   POST   /v1/groups/:group/views             {"volume", "checkpoint"|"timeMs"|"latest"} export a recovery view over NBD
  *   GET    /v1/groups/:group/views             open views
  *   DELETE /v1/groups/:group/views/:name       close a view (its scratch writes are thrown away)
+ *
+ * Protection added or removed and limits set here outlive a restart (`control-changes.ts`); a change
+ * in force that could not be recorded answers 500 `not-recorded`.
  */
 import * as http from 'node:http';
 import type { Logger } from '../util/logger.js';
@@ -62,8 +62,8 @@ async function readBody(request: http.IncomingMessage): Promise<unknown> {
 
 function numberField(body: unknown, name: string, minimum: number, maximum = Number.MAX_SAFE_INTEGER): number {
   const value = (body as Record<string, unknown> | null)?.[name];
-  if (typeof value !== 'number' || !Number.isFinite(value) || value < minimum || value > maximum) {
-    throw new ApiError(400, 'bad-request', `'${name}' must be a number from ${minimum} to ${maximum}`);
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < minimum || value > maximum) {
+    throw new ApiError(400, 'bad-request', `'${name}' must be a whole number from ${minimum} to ${maximum}`);
   }
   return value;
 }
@@ -169,10 +169,16 @@ export class ControlApi {
         return { rateLimitBytesPerSecond: bytesPerSecond };
       }
       case 'PUT /groups/:group/rate': {
-        const group = needSource();
+        needSource();
         const bytesPerSecond = numberField(await readBody(request), 'bytesPerSecond', 0);
-        await appliance.setGroupRateLimit(group, bytesPerSecond);
-        return { group: group.name, rateLimitBytesPerSecond: bytesPerSecond };
+        try {
+          await appliance.setGroupRateLimit(groupName!, bytesPerSecond);
+        } catch (error) {
+          // Its protection was removed while the request was read.
+          if (error instanceof ProtectionChangeRefused) throw new ApiError(404, 'unknown-group', error.message);
+          throw error;
+        }
+        return { group: groupName, rateLimitBytesPerSecond: bytesPerSecond };
       }
       case 'POST /groups/:group/quiesce': {
         const group = needSource();

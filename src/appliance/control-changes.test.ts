@@ -8,8 +8,12 @@ import { controlChangesNow, protectionInForce } from './control-changes.js';
 
 const recordPath = '/data/a/control-changes.json';
 
-function sampleConfig(): ReturnType<typeof parseApplianceConfig> {
-  return parseApplianceConfig(JSON.parse(fs.readFileSync(path.join(repositoryRoot, 'examples', 'appliance-site-a.json'), 'utf8')), '/data/a');
+function sampleFile(): Record<string, any> {
+  return JSON.parse(fs.readFileSync(path.join(repositoryRoot, 'examples', 'appliance-site-a.json'), 'utf8')) as Record<string, any>;
+}
+
+function sampleConfig(file = sampleFile(), dataDirectory = '/data/a'): ReturnType<typeof parseApplianceConfig> {
+  return parseApplianceConfig(file, dataDirectory);
 }
 
 test('a protection entry written as the file writes it reads back unchanged (IPv4 and IPv6 targets)', () => {
@@ -35,14 +39,17 @@ test('the control API record is used over the file it was made over, set aside w
   // Everything removed is a change too: no group at all.
   assert.deepEqual(protectionInForce(config, controlChangesNow(config, [], 0, 1_000), recordPath).protect, []);
 
+  // The same file read with another --data (its relative paths resolve elsewhere): still the same file.
+  assert.equal(protectionInForce(sampleConfig(sampleFile(), '/moved/a'), record, recordPath).from, 'control-changes');
   // The operator edited the file since (any of its volumes, protection or limit): the file wins.
   for (const edit of [
-    (c: typeof config) => (c.rateLimitBytesPerSecond = 1),
-    (c: typeof config) => (c.protect[0]!.rpoMsTarget = 1),
-    (c: typeof config) => (c.volumes[0]!.path = '/elsewhere.img'),
+    (c: Record<string, any>) => (c['rateLimitBytesPerSecond'] = 1),
+    (c: Record<string, any>) => (c['protect'][0].rpoMsTarget = 1),
+    (c: Record<string, any>) => (c['volumes'][0].path = '/elsewhere.img'),
   ]) {
-    const edited = sampleConfig();
-    edit(edited);
+    const file = sampleFile();
+    edit(file);
+    const edited = sampleConfig(file);
     const used = protectionInForce(edited, record, recordPath);
     assert.equal(used.from, 'file');
     assert.deepEqual(used.protect, edited.protect);
@@ -56,4 +63,8 @@ test('the control API record is used over the file it was made over, set aside w
   badCodec.protect[0]!['codec'] = 'zip';
   assert.throws(() => protectionInForce(config, badCodec, recordPath), /protect\[0\]\.codec: expected one of .*: path is \/data\/a\/control-changes\.json/);
   assert.throws(() => protectionInForce(config, { ...record, version: 2 as 1 }, recordPath), /version 2 is unknown: path is/);
+  // A record of another version over an edited file is set aside like any other.
+  const file = sampleFile();
+  file['rateLimitBytesPerSecond'] = 1;
+  assert.equal(protectionInForce(sampleConfig(file), { ...record, version: 2 as 1 }, recordPath).from, 'file');
 });

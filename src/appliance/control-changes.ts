@@ -7,8 +7,7 @@
  *  - the file edited since (its volumes, protection or limit differ): the operator's newer word
  *    wins; the record is dropped and the log names what it held.
  */
-import { createHash } from 'node:crypto';
-import { checkProtectVolumes, ConfigError, parseProtectConfig, protectConfigAsFileEntry, type ApplianceConfig, type ProtectConfig } from './config.js';
+import { checkProtectVolumes, ConfigError, digestOf, parseProtectConfig, protectConfigAsFileEntry, type ApplianceConfig, type ProtectConfig } from './config.js';
 
 export const controlChangesFileName = 'control-changes.json';
 
@@ -28,10 +27,9 @@ export function controlChangesNow(config: ApplianceConfig, protect: readonly Pro
   return { version: 1, fileDigest: configFileDigest(config), recordedMs: nowMs, rateLimitBytesPerSecond, protect: protect.map(protectConfigAsFileEntry) };
 }
 
-/** What the control API's changes are made over: the file's volumes, protection and limit. */
+/** What the control API's changes are made over: the file's volumes, protection and limit (as written, when read from a file). */
 export function configFileDigest(config: ApplianceConfig): string {
-  const covered = { volumes: config.volumes, protect: config.protect, rateLimitBytesPerSecond: config.rateLimitBytesPerSecond };
-  return createHash('sha256').update(JSON.stringify(covered)).digest('hex');
+  return config.fileDigest ?? digestOf({ volumes: config.volumes, protect: config.protect, rateLimitBytesPerSecond: config.rateLimitBytesPerSecond });
 }
 
 export interface ProtectionInForce {
@@ -51,10 +49,11 @@ export interface ProtectionInForce {
 export function protectionInForce(config: ApplianceConfig, recorded: ControlChanges | undefined, recordPath: string): ProtectionInForce {
   const fromFile: ProtectionInForce = { protect: config.protect, rateLimitBytesPerSecond: config.rateLimitBytesPerSecond, from: 'file' };
   if (!recorded) return fromFile;
-  if (recorded.version !== 1) throw new Error(`Cannot use the control API's recorded changes as their version ${String(recorded.version)} is unknown: path is ${recordPath}`);
   if (recorded.fileDigest !== configFileDigest(config)) {
-    return { ...fromFile, dropped: { recordedMs: recorded.recordedMs, groups: Array.isArray(recorded.protect) ? recorded.protect.map((entry) => String(entry['group'])) : [], rateLimitBytesPerSecond: recorded.rateLimitBytesPerSecond } };
+    const groups = Array.isArray(recorded.protect) ? recorded.protect.map((entry) => String((entry as Record<string, unknown> | null)?.['group'])) : [];
+    return { ...fromFile, dropped: { recordedMs: recorded.recordedMs, groups, rateLimitBytesPerSecond: recorded.rateLimitBytesPerSecond } };
   }
+  if (recorded.version !== 1) throw new Error(`Cannot use the control API's recorded changes as their version ${String(recorded.version)} is unknown: path is ${recordPath}`);
   try {
     if (!Array.isArray(recorded.protect)) throw new ConfigError('protect', 'expected a list');
     const protect = recorded.protect.map((entry, index) => parseProtectConfig(entry, `protect[${index}]`, '/'));

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import { makeTempDir, prng, run, testSeed } from '../../test/helpers.js';
-import { mayHoldZeroBlock, syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
+import { holdsZeroBlock, syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
 import { filesEqual, makeTwoSites, MiB, startSites, waitFor } from './testing.js';
 
@@ -30,21 +30,27 @@ test('zeroAndDataRuns() splits a buffer into runs of whole zero blocks and runs 
   assert.deepEqual(zeroAndDataRuns(Buffer.alloc(0)), []);
 });
 
-test('mayHoldZeroBlock() finds a block whose first 8 bytes are zero, also across the chunks a socket delivered, and only whole blocks count', () => {
+test('holdsZeroBlock() finds a whole block of zeroes, also across the chunks a socket delivered, and only whole blocks count', () => {
   const block = syncZeroBlockBytes;
-  const data = Buffer.alloc(4 * block, 0xa5); // no block starts with a zero byte
-  assert.equal(mayHoldZeroBlock(data), false);
-  data.fill(0, 2 * block, 2 * block + 8);
-  assert.equal(mayHoldZeroBlock(data), true);
-  // The same bytes in chunks that split the zero prefix, and in one-byte chunks around it.
-  assert.equal(mayHoldZeroBlock([data.subarray(0, 2 * block + 3), data.subarray(2 * block + 3)]), true);
-  const bytes = [data.subarray(0, 2 * block - 1), ...[...data.subarray(2 * block - 1, 2 * block + 9)].map((byte) => Buffer.from([byte])), data.subarray(2 * block + 9)];
-  assert.equal(mayHoldZeroBlock(bytes), true);
-  data[2 * block + 7] = 9;
-  assert.equal(mayHoldZeroBlock([data.subarray(0, 2 * block + 3), data.subarray(2 * block + 3)]), false);
-  // A short tail of zeroes is no whole block.
-  assert.equal(mayHoldZeroBlock(Buffer.concat([data, Buffer.alloc(block - 1)])), false);
-  assert.equal(mayHoldZeroBlock(Buffer.alloc(0)), false);
+  const data = Buffer.alloc(4 * block, 0xa5);
+  assert.equal(holdsZeroBlock(data), false);
+  // Block 2 zero but for its last byte, then all zero.
+  data.fill(0, 2 * block, 3 * block - 1);
+  const chunked = (buffer: Buffer): Buffer[] => [buffer.subarray(0, 2 * block + 3), buffer.subarray(2 * block + 3, 2 * block + 1000), ...[...buffer.subarray(2 * block + 1000, 2 * block + 1010)].map((byte) => Buffer.from([byte])), buffer.subarray(2 * block + 1010)];
+  assert.equal(holdsZeroBlock(data), false);
+  assert.equal(holdsZeroBlock(chunked(data)), false);
+  data[3 * block - 1] = 0;
+  assert.equal(holdsZeroBlock(data), true);
+  assert.equal(holdsZeroBlock(chunked(data)), true);
+  // Zero in its middle only: no.
+  data.fill(0xa5, 2 * block, 2 * block + 8);
+  assert.equal(holdsZeroBlock(chunked(data)), false);
+  // Zeroes not on a block boundary of the write, and a short tail of zeroes, are no whole block.
+  const offset = Buffer.concat([Buffer.alloc(100, 1), Buffer.alloc(block), Buffer.alloc(100, 1)]);
+  assert.equal(holdsZeroBlock(offset), false);
+  assert.equal(holdsZeroBlock(Buffer.concat([Buffer.alloc(block, 1), Buffer.alloc(block - 1)])), false);
+  assert.equal(holdsZeroBlock(Buffer.alloc(0)), false);
+  assert.equal(holdsZeroBlock([Buffer.alloc(block / 2), Buffer.alloc(block / 2)]), true);
 });
 
 test('an initial sync ships the zero blocks of an allocated volume as zero entries and only its data blocks as writes', async (t) => {

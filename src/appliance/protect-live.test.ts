@@ -244,6 +244,9 @@ test('protection and limits changed through the control API outlive a restart (S
   await running.source.api('POST', '/v1/protect', sites.protectEntry);
   await running.source.api('PUT', '/v1/groups/pg1/rate', { bytesPerSecond: 7 * MiB });
   await running.source.api('PUT', '/v1/rate', { bytesPerSecond: 9 * MiB });
+  // What the record could not hold is refused, not recorded (a fraction of a byte, a group that is not here).
+  await assert.rejects(running.source.api('PUT', '/v1/rate', { bytesPerSecond: 1.5 }), /400.*whole number/s);
+  await assert.rejects(running.source.api('PUT', '/v1/groups/pg9/rate', { bytesPerSecond: MiB }), /404/);
   assert.equal((await configuration()).from, 'control-changes');
   await waitInSync(running.source, 'the initial sync after protection was added');
 

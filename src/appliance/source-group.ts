@@ -485,7 +485,7 @@ export class SourceGroup {
   private pushData(volume: number, offset: number, data: WriteData, timeMs: number): number | undefined {
     const lengthBytes = writeDataLength(data);
     // Most data holds no zero block: it goes as it came (a write in the socket's chunks is not copied).
-    if (!mayHoldZeroBlock(data) && lengthBytes <= streamEntryDataBytesMax) return this.queue.push({ kind: 'write', volume, offset, lengthBytes, timeMs, data });
+    if (!holdsZeroBlock(data) && lengthBytes <= streamEntryDataBytesMax) return this.queue.push({ kind: 'write', volume, offset, lengthBytes, timeMs, data });
     const whole = Buffer.isBuffer(data) ? data : Buffer.concat(data);
     let sequence: number | undefined;
     let discarded = false;
@@ -1020,23 +1020,31 @@ export const syncZeroBlockBytes = 4096;
 const zeroBlock = Buffer.alloc(syncZeroBlockBytes);
 
 /**
- * Whether some whole block of `data` (`syncZeroBlockBytes`, counted from its start) may hold only
- * zeroes: its first 8 bytes are zero. A cheap filter before `zeroAndDataRuns`, which needs the data
- * in one buffer; it reads the chunks where they are.
+ * Whether some whole block of `data` (`syncZeroBlockBytes`, counted from its start) holds only
+ * zeroes, read where the bytes are (a write held in the socket's chunks is not copied to find out).
+ * A block whose first 8 bytes are not all zero is passed over after reading them.
  */
-export function mayHoldZeroBlock(data: WriteData): boolean {
+export function holdsZeroBlock(data: WriteData): boolean {
   const chunks = Buffer.isBuffer(data) ? [data as Buffer] : (data as readonly Buffer[]);
   const lengthBytes = writeDataLength(data);
+  // The chunk holding byte `position`, found moving forward only.
   let chunk = 0;
   let chunkStart = 0;
+  const seek = (position: number): void => {
+    while (chunkStart + chunks[chunk]!.length <= position) chunkStart += chunks[chunk++]!.length;
+  };
   for (let at = 0; at + syncZeroBlockBytes <= lengthBytes; at += syncZeroBlockBytes) {
     let zero = true;
-    for (let position = at; position < at + 8; position++) {
-      while (chunkStart + chunks[chunk]!.length <= position) chunkStart += chunks[chunk++]!.length;
-      if (chunks[chunk]![position - chunkStart] !== 0) {
-        zero = false;
-        break;
-      }
+    for (let position = at; position < at + 8 && zero; position++) {
+      seek(position);
+      zero = chunks[chunk]![position - chunkStart] === 0;
+    }
+    // Then the whole block, chunk piece by chunk piece (every position read lies before the next block).
+    for (let position = at + 8; zero && position < at + syncZeroBlockBytes; ) {
+      seek(position);
+      const piece = chunks[chunk]!.subarray(position - chunkStart, Math.min(chunks[chunk]!.length, at + syncZeroBlockBytes - chunkStart));
+      zero = piece.equals(zeroBlock.subarray(0, piece.length));
+      position += piece.length;
     }
     if (zero) return true;
   }

@@ -211,6 +211,8 @@ export class TargetGroup {
     const streamRecord = record;
     const journalStream = streamRecord.stream;
     const sequenceDurable = streamRecord.sequenceBase + (this.journal.status().streams.find((entry) => entry.stream === journalStream)?.sequenceLast ?? 0);
+    // A sync-end durable in the journal is in the windows once its state write is done.
+    await this.stateWrites;
     const window = (this.state.syncWindows ?? []).find((candidate) => candidate.appliance === hello.appliance && candidate.endLsn === undefined);
     this.connected.add(journalStream);
     const group = this;
