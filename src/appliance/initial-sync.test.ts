@@ -8,8 +8,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
-import { makeTempDir, prng, run, testSeed } from '../../test/helpers.js';
-import { holdsZeroBlock, syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
+import { makeTempDir, prng, run, systemPython, testSeed } from '../../test/helpers.js';
+import { guestZeroRunBytesMin, holdsZeroRun, syncZeroBlockBytes, zeroAndDataRuns, type SourceGroupStatus } from './source-group.js';
 import type { TargetGroupStatus } from './target-group.js';
 import { filesEqual, makeTwoSites, MiB, startSites, waitFor } from './testing.js';
 
@@ -28,29 +28,45 @@ test('zeroAndDataRuns() splits a buffer into runs of whole zero blocks and runs 
     { at: 6 * block, lengthBytes: 100, zero: false },
   ]);
   assert.deepEqual(zeroAndDataRuns(Buffer.alloc(0)), []);
+  // Zero runs shorter than a minimum go with the data around them, unless they are all there is.
+  assert.deepEqual(zeroAndDataRuns(data, 2 * block), [
+    { at: 0, lengthBytes: 2 * block, zero: false },
+    { at: 2 * block, lengthBytes: 2 * block, zero: true },
+    { at: 4 * block, lengthBytes: 2 * block + 100, zero: false },
+  ]);
+  assert.deepEqual(zeroAndDataRuns(Buffer.alloc(block), 64 * block), [{ at: 0, lengthBytes: block, zero: true }]);
 });
 
-test('holdsZeroBlock() finds a whole block of zeroes, also across the chunks a socket delivered, and only whole blocks count', () => {
+test('holdsZeroRun() finds whole blocks of zeroes, also across the chunks a socket delivered; only whole blocks count, and only runs as long as asked or the whole write', () => {
   const block = syncZeroBlockBytes;
   const data = Buffer.alloc(4 * block, 0xa5);
-  assert.equal(holdsZeroBlock(data), false);
+  assert.equal(holdsZeroRun(data), false);
   // Block 2 zero but for its last byte, then all zero.
   data.fill(0, 2 * block, 3 * block - 1);
   const chunked = (buffer: Buffer): Buffer[] => [buffer.subarray(0, 2 * block + 3), buffer.subarray(2 * block + 3, 2 * block + 1000), ...[...buffer.subarray(2 * block + 1000, 2 * block + 1010)].map((byte) => Buffer.from([byte])), buffer.subarray(2 * block + 1010)];
-  assert.equal(holdsZeroBlock(data), false);
-  assert.equal(holdsZeroBlock(chunked(data)), false);
+  assert.equal(holdsZeroRun(data), false);
+  assert.equal(holdsZeroRun(chunked(data)), false);
   data[3 * block - 1] = 0;
-  assert.equal(holdsZeroBlock(data), true);
-  assert.equal(holdsZeroBlock(chunked(data)), true);
+  assert.equal(holdsZeroRun(data), true);
+  assert.equal(holdsZeroRun(chunked(data)), true);
   // Zero in its middle only: no.
   data.fill(0xa5, 2 * block, 2 * block + 8);
-  assert.equal(holdsZeroBlock(chunked(data)), false);
+  assert.equal(holdsZeroRun(chunked(data)), false);
   // Zeroes not on a block boundary of the write, and a short tail of zeroes, are no whole block.
   const offset = Buffer.concat([Buffer.alloc(100, 1), Buffer.alloc(block), Buffer.alloc(100, 1)]);
-  assert.equal(holdsZeroBlock(offset), false);
-  assert.equal(holdsZeroBlock(Buffer.concat([Buffer.alloc(block, 1), Buffer.alloc(block - 1)])), false);
-  assert.equal(holdsZeroBlock(Buffer.alloc(0)), false);
-  assert.equal(holdsZeroBlock([Buffer.alloc(block / 2), Buffer.alloc(block / 2)]), true);
+  assert.equal(holdsZeroRun(offset), false);
+  assert.equal(holdsZeroRun(Buffer.concat([Buffer.alloc(block, 1), Buffer.alloc(block - 1)])), false);
+  assert.equal(holdsZeroRun(Buffer.alloc(0)), false);
+  assert.equal(holdsZeroRun([Buffer.alloc(block / 2), Buffer.alloc(block / 2)]), true);
+  // With a minimum run: two zero blocks apart are not a run of two, two together are, and a write of zeroes alone always is.
+  const apart = Buffer.alloc(4 * block, 0xa5);
+  apart.fill(0, 0, block);
+  apart.fill(0, 2 * block, 3 * block);
+  assert.equal(holdsZeroRun(apart, 2 * block), false);
+  apart.fill(0, 3 * block, 4 * block);
+  assert.equal(holdsZeroRun([apart.subarray(0, 5), apart.subarray(5)], 2 * block), true);
+  assert.equal(holdsZeroRun([Buffer.alloc(block), Buffer.alloc(block)], 64 * block), true);
+  assert.equal(holdsZeroRun(Buffer.concat([Buffer.alloc(2 * block), Buffer.alloc(1, 1)]), 64 * block), false);
 });
 
 test('an initial sync ships the zero blocks of an allocated volume as zero entries and only its data blocks as writes', async (t) => {
@@ -85,15 +101,27 @@ test('an initial sync ships the zero blocks of an allocated volume as zero entri
   }, 250);
 
   // A guest's WRITEs of zeroes (not WRITE_ZEROES): 8 MiB in one request, and 512 KiB ones beside
-  // 512 KiB of data, go as zero entries; only the data is shipped as data.
+  // 512 KiB of data, go as zero entries; only the data is shipped as data. Within one write of
+  // 256 KiB, a long zero run goes as a zero entry and a short one with the data around it.
   const before = status.shipper.rawBytesSent;
   await run('qemu-io', ['-f', 'raw', `${source.nbd}/disk0`, '-c', `write -P 0 0 ${8 * MiB}`, '-c', `write -P 0 ${24 * MiB} ${MiB / 2}`, '-c', `write -P 0x5a ${25 * MiB} ${MiB / 2}`, '-c', `write -P 0 ${26 * MiB} ${MiB / 2}`]);
+  const shortZeroBytes = guestZeroRunBytesMin / 4;
+  const mixedWrite = [
+    'import nbd, sys',
+    'h = nbd.NBD()',
+    'h.connect_uri(sys.argv[1])',
+    `h.pwrite(bytes(${2 * guestZeroRunBytesMin}) + b"\\x5a" * ${guestZeroRunBytesMin} + bytes(${shortZeroBytes}) + b"\\x5a" * ${guestZeroRunBytesMin - shortZeroBytes}, ${28 * MiB})`,
+    'h.flush()',
+    'h.shutdown()',
+  ].join('\n');
+  await run(systemPython, ['-c', mixedWrite, `${source.nbd}/disk0`]);
+  const dataShipped = MiB / 2 + 2 * guestZeroRunBytesMin;
   const afterWrites = await waitFor('the guest writes to drain', 60_000, async () => {
     last = await source.api<SourceGroupStatus>('GET', '/v1/groups/pg1');
     return last.queue.queuedEntries === 0 && last.rpoMs === 0 ? last : undefined;
   });
   const shipped = afterWrites.shipper.rawBytesSent - before;
-  assert.ok(shipped >= MiB / 2 && shipped < MiB / 2 + 64 * 1024, `9.5 MiB written, of which 512 KiB data: ${shipped} raw bytes shipped`);
+  assert.ok(shipped >= dataShipped && shipped < dataShipped + 64 * 1024, `${dataShipped} bytes of data and short zero runs to ship as data: ${shipped} raw bytes shipped`);
   await waitFor('the replica to equal the source after the zero writes', 60_000, async () => {
     const targetStatus = await target.api<TargetGroupStatus>('GET', '/v1/groups/pg1');
     return targetStatus.journal.records === 0 && filesEqual(sites.replicaPath, sites.sourceVolumePath) ? true : undefined;
