@@ -13,7 +13,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { makeTempDir, prng, run, testSeed, writeRandomFile } from '../../test/helpers.js';
+import { lifelineBin, makeTempDir, prng, run, testSeed, writeRandomFile } from '../../test/helpers.js';
 import { NbdClient } from '../nbd/client.js';
 import { volumeProtectionFileName } from './appliance.js';
 import { controlChangesFileName } from './control-changes.js';
@@ -252,6 +252,8 @@ test('protection and limits changed through the control API outlive a restart (S
 
   // A crash straight after the changes: each was recorded before it was answered.
   await running.source.kill();
+  const check = async (): Promise<string> => (await run(lifelineBin, ['appliance', '--data', sites.sourceDataDir, '--config', sites.sourceConfigPath, '--check'])).stdout;
+  assert.match(await check(), /protection in force at the next start: the control API changes recorded \S+ \(groups: pg1; appliance rate limit 9437184 bytes\/s\) over this file/);
   running.source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
   const status = await running.source.api<{ rateLimitBytesPerSecond: number; configuration: { from: string } }>('GET', '/v1/status');
   assert.equal(status.configuration.from, 'control-changes');
@@ -274,6 +276,7 @@ test('protection and limits changed through the control API outlive a restart (S
   assert.equal(await running.source.stop(), 0);
   const config = JSON.parse(fs.readFileSync(sites.sourceConfigPath, 'utf8')) as Record<string, unknown>;
   fs.writeFileSync(sites.sourceConfigPath, JSON.stringify({ ...config, rateLimitBytesPerSecond: 11 * MiB }, null, 2));
+  assert.match(await check(), /control API changes recorded \S+ \(groups: pg1\) will be dropped at the next start, as the configuration file changed since/);
   running.source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
   const edited = await running.source.api<{ rateLimitBytesPerSecond: number; configuration: { from: string; dropped?: { groups: string[] } } }>('GET', '/v1/status');
   assert.equal(edited.configuration.from, 'file');

@@ -7,6 +7,9 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Appliance } from '../appliance/appliance.js';
 import { ConfigError, parseApplianceConfig, type ApplianceConfig } from '../appliance/config.js';
+import { controlChangesFileName, protectionInForce, type ControlChanges } from '../appliance/control-changes.js';
+import { nodeFileSystem } from '../journal/file-system.js';
+import { readStateFile } from '../util/state-file.js';
 import { createLogger, type LogLevel } from '../util/logger.js';
 import { UsageError } from './usage-error.js';
 
@@ -20,7 +23,7 @@ file are taken from the data directory.
 
   --data DIR               the appliance's data directory (created if missing)
   --config FILE            configuration file (JSON)
-  --check                  validate the configuration and exit
+  --check                  validate the configuration (and the control API changes recorded in --data) and exit
   --log-level LEVEL        debug, info, warn or error (default info)
   --log-format text|json   (default json)
 
@@ -50,6 +53,19 @@ export function loadApplianceConfig(configPath: string, dataDirectory: string): 
   }
 }
 
+/** What the next start makes of the control API's recorded changes in `dataDirectory`, if there are any (throws as the start would). */
+async function describeControlChanges(config: ApplianceConfig, dataDirectory: string): Promise<string | undefined> {
+  const recordPath = path.join(dataDirectory, controlChangesFileName);
+  if (!fs.existsSync(recordPath)) return undefined;
+  const recorded = (await readStateFile<ControlChanges>(nodeFileSystem, recordPath))!;
+  const inForce = protectionInForce(config, recorded, recordPath);
+  const when = new Date(recorded.recordedMs).toISOString();
+  if (inForce.dropped) {
+    return `control API changes recorded ${when} (groups: ${inForce.dropped.groups.join(', ') || 'none'}) will be dropped at the next start, as the configuration file changed since: path is ${recordPath}`;
+  }
+  return `protection in force at the next start: the control API changes recorded ${when} (groups: ${inForce.protect.map((entry) => entry.group).join(', ') || 'none'}; appliance rate limit ${inForce.rateLimitBytesPerSecond} bytes/s) over this file: path is ${recordPath}`;
+}
+
 export async function runAppliance(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -77,6 +93,8 @@ export async function runAppliance(argv: string[]): Promise<number> {
   const config = loadApplianceConfig(path.resolve(values.config), dataDirectory);
   if (values.check) {
     console.log(`configuration ok: appliance '${config.appliance.name}' of site '${config.appliance.site}', ${config.volumes.length} volumes, ${config.protect.length} protected groups, ${config.receive?.groups.length ?? 0} received groups`);
+    const recorded = await describeControlChanges(config, dataDirectory);
+    if (recorded) console.log(recorded);
     return 0;
   }
   const logger = createLogger({ level, format });
