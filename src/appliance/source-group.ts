@@ -1029,37 +1029,36 @@ const zeroBlock = Buffer.alloc(syncZeroBlockBytes);
 /**
  * Whether `data` holds a run of whole zero blocks (`syncZeroBlockBytes`, counted from its start)
  * that `zeroAndDataRuns` would send as a zero entry: one of at least `zeroRunBytesMin`, or all of
- * `data`. Read where the bytes are (a write held in the socket's chunks is not copied to find out);
- * a block whose first 8 bytes are not all zero is passed over after reading them.
+ * `data`. Compares in place, allocating nothing (it runs for every guest write; a write held in the
+ * socket's chunks is not copied to find out); a block of data is passed over at its first non-zero byte.
  */
 export function holdsZeroRun(data: WriteData, zeroRunBytesMin = syncZeroBlockBytes): boolean {
-  const chunks = Buffer.isBuffer(data) ? [data as Buffer] : (data as readonly Buffer[]);
   const lengthBytes = writeDataLength(data);
-  if (lengthBytes < syncZeroBlockBytes) return false;
-  // The chunk holding byte `position`, found moving forward only.
-  let chunk = 0;
-  let chunkStart = 0;
-  const seek = (position: number): void => {
-    while (chunkStart + chunks[chunk]!.length <= position) chunkStart += chunks[chunk++]!.length;
-  };
   let runBytes = 0;
-  for (let at = 0; at + syncZeroBlockBytes <= lengthBytes; at += syncZeroBlockBytes) {
-    let zero = true;
-    for (let position = at; position < at + 8 && zero; position++) {
-      seek(position);
-      zero = chunks[chunk]![position - chunkStart] === 0;
+  if (Buffer.isBuffer(data)) {
+    for (let at = 0; at + syncZeroBlockBytes <= lengthBytes; at += syncZeroBlockBytes) {
+      runBytes = zeroBlock.compare(data, at, at + syncZeroBlockBytes) === 0 ? runBytes + syncZeroBlockBytes : 0;
+      if (runBytes >= zeroRunBytesMin) return true;
     }
-    // Then the whole block, chunk piece by chunk piece (every position read lies before the next block).
-    for (let position = at + 8; zero && position < at + syncZeroBlockBytes; ) {
-      seek(position);
-      const piece = chunks[chunk]!.subarray(position - chunkStart, Math.min(chunks[chunk]!.length, at + syncZeroBlockBytes - chunkStart));
-      zero = piece.equals(zeroBlock.subarray(0, piece.length));
-      position += piece.length;
+  } else {
+    const chunks = data as readonly Buffer[];
+    // The chunk holding the block's next byte, found moving forward only.
+    let chunk = 0;
+    let chunkStart = 0;
+    for (let at = 0; at + syncZeroBlockBytes <= lengthBytes; at += syncZeroBlockBytes) {
+      let zero = true;
+      for (let position = at; zero && position < at + syncZeroBlockBytes; ) {
+        while (chunkStart + chunks[chunk]!.length <= position) chunkStart += chunks[chunk++]!.length;
+        const from = position - chunkStart;
+        const to = Math.min(chunks[chunk]!.length, at + syncZeroBlockBytes - chunkStart);
+        zero = zeroBlock.compare(chunks[chunk]!, from, to, 0, to - from) === 0;
+        position += to - from;
+      }
+      runBytes = zero ? runBytes + syncZeroBlockBytes : 0;
+      if (runBytes >= zeroRunBytesMin) return true;
     }
-    runBytes = zero ? runBytes + syncZeroBlockBytes : 0;
-    if (runBytes >= zeroRunBytesMin) return true;
   }
-  return runBytes === lengthBytes;
+  return lengthBytes >= syncZeroBlockBytes && runBytes === lengthBytes;
 }
 
 /**
@@ -1071,7 +1070,7 @@ export function zeroAndDataRuns(data: Buffer, zeroRunBytesMin = syncZeroBlockByt
   const blocks: { at: number; lengthBytes: number; zero: boolean }[] = [];
   for (let at = 0; at < data.length; at += syncZeroBlockBytes) {
     const end = Math.min(data.length, at + syncZeroBlockBytes);
-    const zero = end - at === syncZeroBlockBytes && zeroBlock.equals(data.subarray(at, end));
+    const zero = end - at === syncZeroBlockBytes && zeroBlock.compare(data, at, end) === 0;
     const last = blocks[blocks.length - 1];
     if (last && last.zero === zero) last.lengthBytes += end - at;
     else blocks.push({ at, lengthBytes: end - at, zero });
