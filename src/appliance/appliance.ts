@@ -341,9 +341,13 @@ export class Appliance {
   /** Sets a source group's own rate limit (0: none) and records it. */
   async setGroupRateLimit(groupName: string, bytesPerSecond: number): Promise<void> {
     const group = this.sources.get(groupName);
-    if (!group) throw new ProtectionChangeRefused('unknown-group', `Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
+    if (!group) throw this.noSuchSource(groupName);
     group.setRate(bytesPerSecond);
     await this.recordControlChanges(`Group '${groupName}' has a rate limit of ${bytesPerSecond} bytes/s`);
+  }
+
+  private noSuchSource(groupName: string): ProtectionChangeRefused {
+    return new ProtectionChangeRefused('unknown-group', `Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
   }
 
   /** Runs protection changes one at a time. */
@@ -422,7 +426,7 @@ export class Appliance {
     return this.serially(async () => {
       if (this.stopped) throw new ProtectionChangeRefused('refused', `Cannot remove the protection of group '${groupName}' as the appliance is stopping (the group stops with it)`);
       const group = this.sources.get(groupName);
-      if (!group) throw new ProtectionChangeRefused('unknown-group', `Appliance '${this.config.appliance.name}' protects no group '${groupName}' as a source`);
+      if (!group) throw this.noSuchSource(groupName);
       const names = group.config.volumes;
       await this.recordProtection(names, null);
       // A quiesce holds write completions, which the switch waits for: none is taken from here on.

@@ -30,6 +30,7 @@ import {
   type Hello,
   type Refuse,
   type StreamEntry,
+  type SyncWindowOpen,
   type Welcome,
 } from './wire.js';
 
@@ -40,7 +41,7 @@ export interface ReceiverStream {
   /** Highest sequence of this stream and epoch durable in the journal (0: none). */
   readonly sequenceDurable: number;
   /** The source appliance's sync window open at the target when the stream opened (told in the WELCOME). */
-  readonly syncWindowOpen?: { sync: string; beginTimeMs: number };
+  readonly syncWindowOpen?: SyncWindowOpen;
   /**
    * Appends entries (consecutive, starting at sequenceDurable + 1); resolves once they are durable.
    * The receiver calls it again before an earlier call has resolved (pipelining, so that the

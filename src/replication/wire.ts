@@ -212,7 +212,13 @@ export interface Welcome {
    * durable): no point after `beginTimeMs` is consistent there until a sync of the source ends.
    * Absent: no window is open.
    */
-  syncWindowOpen?: { sync: string; beginTimeMs: number };
+  syncWindowOpen?: SyncWindowOpen;
+}
+
+/** A sync window of the source open at the target: the sync's kind as the source named it, and its begin time. */
+export interface SyncWindowOpen {
+  sync: string;
+  beginTimeMs: number;
 }
 
 /** `cannot-store`: the target could not make a batch durable (journal full, failed, or the batch refused); sent before the link closes, so the source can say why. */
@@ -286,7 +292,7 @@ export function decodeWelcome(frame: Frame): Welcome {
   };
 }
 
-function decodeSyncWindowOpen(value: unknown): { sync: string; beginTimeMs: number } {
+function decodeSyncWindowOpen(value: unknown): SyncWindowOpen {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new WireProtocolError("a welcome frame's 'syncWindowOpen' is not an object");
   const object = value as Record<string, unknown>;
   return { sync: field(object, 'sync', isName, 'a name', 'welcome'), beginTimeMs: field(object, 'beginTimeMs', isCount, 'a time', 'welcome') };
