@@ -61,9 +61,14 @@ test('journal inspect lists units, streams and checkpoints; verify passes a soun
     fs.writeFileSync(unitPath, bytes);
     const damaged = await run(lifelineBin, ['journal', 'verify', metaDir], { timeoutMs: 30_000, allowFailure: true });
     assert.equal(damaged.code, 1);
-    assert.match(damaged.stderr, new RegExp(`damaged record in unit ${json.units[0].unit} at offset ${5 * recordBytes}: checksum mismatch`));
+    const place = `unit ${json.units[0].unit} at offset ${5 * recordBytes}: checksum mismatch in record lsn 11`;
+    assert.match(damaged.stderr, new RegExp(`damaged record: the log ended in ${place}.*records 11\\.\\.82 were acknowledged`));
+    // inspect exits non-zero on damage too, naming the same record.
+    const inspectDamaged = await run(lifelineBin, ['journal', 'inspect', metaDir], { timeoutMs: 30_000, allowFailure: true });
+    assert.equal(inspectDamaged.code, 1);
+    assert.match(inspectDamaged.stderr, new RegExp(place));
     // A bit flip that makes a record's lsn look older (a stale leftover) is damage too, not a clean end:
-    // verify must say so, and open must refuse rather than cut acknowledged records.
+    // verify must say so, and open must record the loss rather than cut acknowledged records silently.
     bytes[5 * recordBytes + 64 + 100]! ^= 0xff;
     const lsnAt = 5 * recordBytes + 16;
     assert.equal(bytes.readUInt32LE(lsnAt), 11);
@@ -74,11 +79,15 @@ test('journal inspect lists units, streams and checkpoints; verify passes a soun
     assert.match(lsnFlip.stderr, new RegExp(`unit ${json.units[0].unit} at offset ${5 * recordBytes}`));
     const reopenReplica = FileBackingStore.open({ path: path.join(dir, 'replica.img'), readOnly: false });
     try {
-      await assert.rejects(
-        openJournalAt(dir, reopenReplica, 65536),
-        (error: Error) => error.name === 'JournalDamagedError' || error.constructor.name === 'JournalDamagedError',
-      );
-      assert.ok(fs.existsSync(json.units[json.units.length - 1].path), 'no unit holding acknowledged records was deleted');
+      const reopened = await openJournalAt(dir, reopenReplica, 65536);
+      const damage = reopened.openReport.damage;
+      await reopened.close();
+      assert.ok(damage, 'open reports damage, not a torn tail');
+      // The journal's open names the same first damaged record as verify.
+      assert.match(lsnFlip.stderr, new RegExp(`the log ended in unit ${damage.unit} at offset ${damage.position}: ${damage.reason.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
+      assert.deepEqual([damage.lsnFirst, damage.lsnLast], [11, 82]);
+      const after = await run(lifelineBin, ['journal', 'inspect', metaDir], { timeoutMs: 30_000 });
+      assert.match(after.stdout, /earlier damage .*records 11\.\.82 cut on open/);
     } finally {
       await reopenReplica.close();
     }

@@ -7,8 +7,8 @@ import { parseArgs } from 'node:util';
 import { nodeFileSystem } from '../journal/file-system.js';
 import { readMetadata, type JournalMetadata } from '../journal/metadata.js';
 import { parseUnitFileName } from '../journal/pool.js';
-import { decodeHeader, decodeMarker, recordHeaderBytes, type CheckpointMarker } from '../journal/record.js';
-import { scanUnits, type ScanResult, type UnitRef } from '../journal/scan.js';
+import { decodeMarker, type CheckpointMarker } from '../journal/record.js';
+import { judgeEnd, scanPastEnd, scanUnits, type ScanResult, type UnitRef } from '../journal/scan.js';
 import { UsageError } from './usage-error.js';
 
 export const journalUsage = `Usage: lifeline journal inspect|verify DIR [--json]
@@ -16,11 +16,15 @@ export const journalUsage = `Usage: lifeline journal inspect|verify DIR [--json]
   inspect   list the journal's units, streams with their sequence ranges, the time
             range of its records and its checkpoints
   verify    check every record (header, checksum, order); exit 1 on damage, naming
-            the unit and offset
+            the unit and offset of the first damaged record, and on a torn tail
+
+inspect exits 1 too when the journal is damaged (a record that was acknowledged, as
+a later record or the metadata proves, cannot be read); the next open keeps what
+precedes it, records the loss and cuts there, and the source resends what differs.
 
 DIR is the journal's metadata directory (it holds journal.meta). Neither command
-changes anything; a torn tail after a crash is reported by verify and cut when the
-journal next opens.`;
+changes anything; a torn tail after a crash (nothing past it claims to be committed)
+is reported by verify and cut when the journal next opens.`;
 
 interface Survey {
   meta: JournalMetadata;
@@ -30,7 +34,10 @@ interface Survey {
   timeMsMin: number;
   timeMsMax: number;
   markers: Map<string, { marker: CheckpointMarker; streams: Map<number, { sequence: number; timeMs: number; lsn: number }> }>;
+  /** Damage: what open would refuse to cut silently (it records the loss and cuts). */
   problems: string[];
+  /** A torn tail that the next open cuts (not damage: nothing past it was acknowledged). */
+  tornTail: string | undefined;
 }
 
 async function survey(directory: string): Promise<Survey> {
@@ -73,25 +80,21 @@ async function survey(directory: string): Promise<Survey> {
     },
   });
   const last = scan.units[scan.units.length - 1];
-  if (scan.endIsDamage && last) {
-    problems.push(`damaged record in unit ${last.number} at offset ${last.endPosition}: ${last.stopReason} (${last.path})`);
-  }
+  const lsnEnd = Math.max(scan.lsnLast, meta.watermarkLsn);
+  const cleanEnd = meta.lsnClosed !== undefined && meta.lsnClosed === lsnEnd;
+  const past = cleanEnd || !last
+    ? undefined
+    : await scanPastEnd({ fileSystem: nodeFileSystem, units: [{ ref: last, from: last.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))], unitBytes: meta.unitBytes, lsnAfter: lsnEnd, generationMin: scan.generationLast });
+  const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: meta.lsnCommitted ?? 0, past, endIsDamage: scan.endIsDamage });
+  // The same words as the journal's open (describeLossPlace), so that both name the same first damaged record.
+  const place = last ? `unit ${last.number} at offset ${last.endPosition}: ${last.stopReason}` : 'no storage unit is left';
+  const proof = (past?.claimMax ?? 0) > lsnEnd ? `records past it (the first in unit ${past!.first!.unit} at offset ${past!.first!.position}) claim lsn ${proofLsn} was committed` : `the metadata says lsn ${proofLsn} was committed`;
+  if (verdict === 'damage') problems.push(`damaged record: the log ended in ${place}, but ${proof}; records ${lsnEnd + 1}..${Math.max(proofLsn, past?.lsnMax ?? 0)} were acknowledged (${last?.path ?? meta.unitDirectories.join(', ')})`);
+  const tornTail = verdict === 'torn-tail' ? `torn tail: the log ended in ${place}; nothing past it claims to be committed (${past?.records ?? 0} records of the last group past it), so the next open cuts it` : undefined;
   const firstLsn = scan.units.find((unit) => unit.records > 0)?.firstLsn;
   if (firstLsn !== undefined && firstLsn > meta.watermarkLsn + 1) problems.push(`records ${meta.watermarkLsn + 1}..${firstLsn - 1} are missing`);
   if (meta.promotingToLsn > Math.max(meta.watermarkLsn, scan.lsnLast)) problems.push(`promotion to lsn ${meta.promotingToLsn} is under way but the log ends at ${scan.lsnLast}`);
-  // A unit past the end of the log is normal when empty (the spare); with records in it, the log was broken before it.
-  for (const beyond of scan.unitsBeyond) {
-    const file = await nodeFileSystem.open(beyond.path, 'read');
-    try {
-      const raw = Buffer.alloc(recordHeaderBytes);
-      await file.pread(raw, 0);
-      const header = decodeHeader(raw);
-      if (typeof header !== 'string' && header.lsn > scan.lsnLast) problems.push(`unit ${beyond.number} holds records (from lsn ${header.lsn}) past the end of the log at lsn ${scan.lsnLast} (${beyond.path})`);
-    } finally {
-      await file.close();
-    }
-  }
-  return { meta, units, scan, streams, timeMsMin, timeMsMax, markers, problems };
+  return { meta, units, scan, streams, timeMsMin, timeMsMax, markers, problems, tornTail };
 }
 
 const iso = (timeMs: number): string => (Number.isFinite(timeMs) ? new Date(timeMs).toISOString() : '-');
@@ -129,6 +132,8 @@ function report(result: Survey): object {
       markers: Object.fromEntries([...streams].map(([stream, entry]) => [stream, entry.sequence])),
     })),
     problems: result.problems,
+    tornTail: result.tornTail ?? null,
+    losses: (meta.losses ?? []).map((loss) => ({ ...loss, timeFrom: iso(loss.timeMsFrom), healed: loss.healedTimeMs === undefined ? null : iso(loss.healedTimeMs) })),
   };
 }
 
@@ -144,7 +149,11 @@ function printText(out: ReturnType<typeof report> & Record<string, any>): void {
   for (const checkpoint of out.checkpoints) {
     lines.push(`  ${checkpoint.id}  ${checkpoint.kind}${checkpoint.name ? ` '${checkpoint.name}'` : ''}  ${checkpoint.time}  ${checkpoint.complete ? 'complete' : 'incomplete'}  markers ${JSON.stringify(checkpoint.markers)}`);
   }
-  for (const problem of out.problems) lines.push(`problem: ${problem}`);
+  for (const loss of out.losses) {
+    lines.push(`earlier ${loss.kind === 'damage' ? 'damage' : 'tail cut'} ${loss.id}: records ${loss.lsnFirst}..${loss.lsnLast} cut on open (unit ${loss.unit} at offset ${loss.position}: ${loss.reason}); points from ${loss.timeFrom} ${loss.healed ? `healed at ${loss.healed}` : 'not healed yet'}${loss.checkpoints.length > 0 ? `; checkpoints lost: ${loss.checkpoints.map((checkpoint: { id: string }) => checkpoint.id).join(', ')}` : ''}`);
+  }
+  if (out.tornTail) lines.push(`note: ${out.tornTail}`);
+  for (const problem of out.problems) lines.push(`damage: ${problem}`);
   console.log(lines.join('\n'));
 }
 
@@ -166,11 +175,17 @@ export async function runJournal(argv: string[]): Promise<number> {
   if (action === 'inspect') {
     if (values.json) console.log(JSON.stringify(out, null, 2));
     else printText(out as ReturnType<typeof report> & Record<string, any>);
-    return 0;
+    // Damage is an error whichever command finds it; the first damaged record goes to stderr too.
+    for (const problem of result.problems) console.error(`damage: ${problem}`);
+    return result.problems.length === 0 ? 0 : 1;
   }
   const records = result.scan.units.reduce((sum, unit) => sum + unit.records, 0);
-  if (values.json) console.log(JSON.stringify({ ok: result.problems.length === 0, records, units: result.scan.units.length, problems: result.problems }));
-  else if (result.problems.length === 0) console.log(`ok: ${records} records in ${result.scan.units.length} units verified, lsn through ${result.scan.lsnLast}`);
-  else for (const problem of result.problems) console.error(`damage: ${problem}`);
-  return result.problems.length === 0 ? 0 : 1;
+  const problems = result.tornTail ? [...result.problems, result.tornTail] : result.problems;
+  if (values.json) console.log(JSON.stringify({ ok: problems.length === 0, records, units: result.scan.units.length, problems: result.problems, tornTail: result.tornTail ?? null }));
+  else if (problems.length === 0) console.log(`ok: ${records} records in ${result.scan.units.length} units verified, lsn through ${result.scan.lsnLast}`);
+  else {
+    for (const problem of result.problems) console.error(`damage: ${problem}`);
+    if (result.tornTail) console.error(result.tornTail);
+  }
+  return problems.length === 0 ? 0 : 1;
 }

@@ -12,7 +12,7 @@ import { JournalFileBackingStore } from './file-store.js';
 import { nodeFileSystem } from './file-system.js';
 import { JournalPool, type DatastoreConfig } from './pool.js';
 import { readMetadata } from './metadata.js';
-import { checkRecord, decodeHeader, encodeHeader, RecordKind } from './record.js';
+import { checkRecord, claimedCommitLsn, decodeHeader, encodeHeader, RecordKind } from './record.js';
 import { indexBytesPerRecord, RecordIndex } from './record-index.js';
 
 async function fixture(overrides: Partial<TestJournalConfig> = {}) {
@@ -27,9 +27,10 @@ const write = (stream: number, sequence: number, offset = 0, fill = sequence) =>
 
 test('encodeHeader() and decodeHeader() round-trip, and the CRC covers header and data', () => {
   const data = Buffer.from('hello journal');
-  const header = { kind: RecordKind.write, unit: 7, generation: 3, lsn: 2 ** 40 + 5, sequence: 2 ** 33 + 1, timeMs: 1_700_000_000_123, offset: 2 ** 42, volume: 9, stream: 4, lengthBytes: data.length };
+  const header = { kind: RecordKind.write, unit: 7, generation: 3, lsn: 2 ** 40 + 5, sequence: 2 ** 33 + 1, timeMs: 1_700_000_000_123, offset: 2 ** 42, volume: 9, stream: 4, lengthBytes: data.length, uncommitted: 7 };
   const encoded = encodeHeader(header, data);
   assert.deepEqual(decodeHeader(encoded), header);
+  assert.equal(claimedCommitLsn(header), 2 ** 40 - 2, 'the record claims every lsn up to 7 before it committed');
   assert.ok(checkRecord(encoded, data));
   const flipped = Buffer.from(data);
   flipped[3]! ^= 1;
@@ -109,21 +110,71 @@ test('the index takes at most 48 bytes per record', () => {
   assert.ok(perRecord <= 48, `${perRecord} bytes per record`);
 });
 
-test('open refuses a journal whose damaged record is followed by acknowledged ones, instead of cutting them off', async () => {
-  const { disk, config, opened } = await fixture({ unitBytes: 4096 });
-  // 1 KiB records, about three a unit: five units of acknowledged records.
+test('open keeps what precedes a damaged record that later ones prove acknowledged, records the loss, marks the checkpoints after it lost and refuses time views from it', async () => {
+  const { disk, config, opened, clock } = await fixture({ unitBytes: 4096 });
+  // 1 KiB records, about three a unit: five units of acknowledged records, a checkpoint in the fourth.
   for (let sequence = 1; sequence <= 15; sequence++) {
-    await opened.journal.append([{ kind: 'write', stream: 0, sequence, timeMs: 1, volume: 1, offset: 0, data: Buffer.alloc(1024, sequence) }]);
+    clock.timeMs = 1000 + sequence;
+    if (sequence === 10) await opened.journal.append([{ kind: 'checkpoint', stream: 0, sequence, timeMs: clock.timeMs, volume: 0, offset: 0, checkpoint: { id: 'cp-late', kind: 'tagged', name: 'before-upgrade', streams: [0] } }]);
+    else await opened.journal.append([{ kind: 'write', stream: 0, sequence, timeMs: clock.timeMs, volume: 1, offset: 0, data: Buffer.alloc(1024, sequence) }]);
   }
   await closeTestJournal(opened);
   const unitPath = [...disk.listFiles().keys()].filter((name) => name.endsWith('.unit')).sort()[1]!;
   const file = await disk.open(unitPath, 'write');
   await file.pwrite(Buffer.from([0xff]), 64 + 10);
-  await assert.rejects(openTestJournal(config), (error: unknown) => {
-    assert.ok(error instanceof JournalDamagedError);
-    assert.match(error.message, /unit 2 at offset 0 is damaged \(checksum mismatch.*\) but unit \d+ holds later records/);
-    return true;
-  });
+  const events: string[] = [];
+  const reopened = await openTestJournal(config);
+  const { journal } = reopened;
+  const damage = journal.openReport.damage;
+  assert.ok(damage, 'the loss is reported as damage, not as a torn tail');
+  assert.equal(damage.unit, 2);
+  assert.equal(damage.position, 0);
+  assert.match(damage.reason, /checksum mismatch in record lsn 4/);
+  assert.equal(damage.lsnFirst, 4);
+  assert.equal(damage.lsnLast, 15);
+  assert.deepEqual(damage.streams, [{ stream: 0, sequenceKept: 3, sequenceSeenMax: 15 }]);
+  assert.equal(damage.timeMsFrom, 1003, 'points from the last kept record of the stream on are not images of the source');
+  assert.deepEqual(damage.checkpoints.map((checkpoint) => checkpoint.id), ['cp-late']);
+  assert.equal(journal.lsnDurable, 3, 'the log keeps what precedes the damage');
+  const late = journal.checkpoints().find((checkpoint) => checkpoint.id === 'cp-late');
+  assert.ok(late && !late.recoverable && /lost with journal records 4\.\.15/.test(late.lost ?? ''), JSON.stringify(late));
+  await assert.rejects(journal.openView({ volume: 1, at: { checkpoint: 'cp-late' }, scratchBytesMax: 0 }), /lost with journal records 4\.\.15/);
+  await assert.rejects(journal.openView({ volume: 1, at: { timeMs: 1010 }, scratchBytesMax: 0 }), /records 4\.\.15 were lost/);
+  const early = await journal.openView({ volume: 1, at: { timeMs: 1002 }, scratchBytesMax: 0 });
+  const bytes = Buffer.alloc(1024);
+  await early.read(bytes, 0);
+  assert.ok(bytes.equals(Buffer.alloc(1024, 2)), 'a point before the damage is served as it was');
+  await early.close();
+  // The stream goes on from what was kept; once healed, later points open again.
+  journal.on((event) => events.push(event.type));
+  clock.timeMs = 2000;
+  await journal.append([{ kind: 'write', stream: 0, sequence: 4, timeMs: 2000, volume: 1, offset: 0, data: Buffer.alloc(1024, 0x44) }]);
+  await journal.lossHealed(damage.id, 2000);
+  const healed = await journal.openView({ volume: 1, at: { timeMs: 2000 }, scratchBytesMax: 0 });
+  await healed.read(bytes, 0);
+  assert.equal(bytes[0], 0x44);
+  await healed.close();
+  await closeTestJournal(reopened);
+  // The loss is remembered across opens, and nothing past the cut is taken for damage again.
+  const again = await openTestJournal(config);
+  assert.equal(again.journal.openReport.damage, undefined);
+  assert.deepEqual(again.journal.losses().map((loss) => [loss.id, loss.healedTimeMs]), [[damage.id, 2000]]);
+  assert.equal(again.journal.lsnDurable, 4);
+  await closeTestJournal(again);
+});
+
+test('a damaged record in the last group of a cleanly closed journal is damage (the close recorded the commit point), and a torn tail of a crash is cut', async () => {
+  const { disk, config, opened } = await fixture({ unitBytes: 16384 });
+  for (let sequence = 1; sequence <= 6; sequence++) await opened.journal.append([write(0, sequence)]);
+  await closeTestJournal(opened);
+  const unitPath = [...disk.listFiles().keys()].filter((name) => name.endsWith('.unit')).sort()[0]!;
+  const file = await disk.open(unitPath, 'write');
+  // Record 6 starts at 5 * (64 + 512): flip a byte of its data.
+  await file.pwrite(Buffer.from([0x5a]), 5 * 576 + 64 + 3);
+  const reopened = await openTestJournal(config);
+  assert.equal(reopened.journal.openReport.damage?.lsnFirst, 6);
+  assert.equal(reopened.journal.openReport.damage?.lsnLast, 6);
+  await closeTestJournal(reopened);
 });
 
 test('append() refuses a sequence that is not an integer from 1', async () => {

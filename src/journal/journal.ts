@@ -24,7 +24,7 @@ import {
   DatastoreFullError,
 } from './errors.js';
 import type { JournalFile, JournalFileSystem } from './file-system.js';
-import { readMetadata, writeMetadata, type JournalMetadata } from './metadata.js';
+import { readMetadata, writeMetadata, type JournalLoss, type JournalMetadata } from './metadata.js';
 import type { JournalPool, PoolUnit } from './pool.js';
 import { RecordIndex, type IndexEntry } from './record-index.js';
 import {
@@ -38,7 +38,7 @@ import {
   type CheckpointMarker,
   type RecordKindName,
 } from './record.js';
-import { scanUnits } from './scan.js';
+import { judgeEnd, scanPastEnd, scanUnits, type PastEnd } from './scan.js';
 import { RecoveryView, type ViewHost } from './view.js';
 
 /** Streams and volumes are 16-bit in the index. */
@@ -55,6 +55,8 @@ export const historyWarningRatio = 0.85;
 export const historyErrorRatio = 0.75;
 /** The hard limit must leave room for at least this many units (oldest, current, spare, one more). */
 export const sizeLimitUnitsMin = 4;
+/** Losses kept in the metadata (older ones are forgotten). */
+export const lossesKeptMax = 32;
 
 export interface AppendRecord {
   kind: RecordKindName;
@@ -99,7 +101,8 @@ export type JournalEvent =
   | { type: 'unit-taken'; unit: number; datastore: string }
   | { type: 'unit-released'; unit: number; datastore: string }
   | { type: 'view-invalidated'; view: string; reason: string }
-  | { type: 'tail-cut'; unit: number; position: number; reason: string };
+  | { type: 'tail-cut'; unit: number; position: number; reason: string }
+  | { type: 'damage-found'; loss: JournalLoss };
 
 export interface JournalStatus {
   name: string;
@@ -126,6 +129,8 @@ export interface CheckpointInfo {
   timeMs: number;
   /** Every stream's marker is durable and none is promoted. */
   recoverable: boolean;
+  /** Why it cannot be recovered although its markers were written: a cut on open lost one of them. */
+  lost?: string;
 }
 
 export type ViewPoint = { timeMs: number } | { checkpoint: string };
@@ -189,17 +194,9 @@ interface CheckpointState {
   markers: Map<number, { sequence: number; lsn: number; timeMs: number }>;
 }
 
-/** Lsn of a unit's first record when its header is sound, else undefined. */
-async function firstLsnOf(fileSystem: JournalFileSystem, filePath: string, unit: number): Promise<number | undefined> {
-  const file = await fileSystem.open(filePath, 'read');
-  try {
-    const raw = Buffer.alloc(recordHeaderBytes);
-    if ((await file.pread(raw, 0)) < recordHeaderBytes) return undefined;
-    const header = decodeHeader(raw);
-    return typeof header !== 'string' && header.unit === unit ? header.lsn : undefined;
-  } finally {
-    await file.close();
-  }
+/** Where a loss was found, for messages. */
+export function describeLossPlace(loss: JournalLoss): string {
+  return `the log ended in unit ${loss.unit} at offset ${loss.position}: ${loss.reason}`;
 }
 
 /**
@@ -281,7 +278,7 @@ export class Journal {
   private readonly activeAlerts = new Map<JournalAlertCondition, JournalAlert>();
   private closed = false;
   /** What open found and did (for the caller's log). */
-  readonly openReport: { recordsScanned: number; cut?: { unit: number; position: number; reason: string }; promotionResumed: boolean; unitsDiscarded: number } = {
+  readonly openReport: { recordsScanned: number; cut?: { unit: number; position: number; reason: string }; damage?: JournalLoss; promotionResumed: boolean; unitsDiscarded: number } = {
     recordsScanned: 0,
     promotionResumed: false,
     unitsDiscarded: 0,
@@ -364,6 +361,8 @@ export class Journal {
     }
     for (const directory of new Set([this.directory, ...live.map((unit) => path.dirname(unit.path))])) await this.fileSystem.fsyncDirectory(directory);
     for (const [stream, sequence] of Object.entries(meta.streamsPromoted)) this.streamsDurable.set(Number(stream), sequence);
+    /** Source time of each stream's last record kept (for a loss: from when points are not images of the source). */
+    const streamLastTimeMs = new Map<number, number>();
     const scan = await scanUnits({
       fileSystem: this.fileSystem,
       units: live,
@@ -379,6 +378,7 @@ export class Journal {
         }
         this.index.add(header, unit, position);
         this.streamsDurable.set(header.stream, header.sequence);
+        streamLastTimeMs.set(header.stream, header.timeMs);
         if (header.kind === RecordKind.checkpoint && data) this.noteMarker(header.stream, header.sequence, header.lsn, header.timeMs, data);
       },
     });
@@ -390,29 +390,43 @@ export class Journal {
     if (meta.promotingToLsn > Math.max(scan.lsnLast, meta.watermarkLsn)) {
       throw new JournalDamagedError(this.name, `promotion was under way to lsn ${meta.promotingToLsn} but the log ends at ${scan.lsnLast}`);
     }
-    this.durableLsn = this.queuedLsn = Math.max(scan.lsnLast, meta.watermarkLsn);
+    const lsnEnd = Math.max(scan.lsnLast, meta.watermarkLsn);
+    this.durableLsn = this.queuedLsn = lsnEnd;
     for (const [stream, sequence] of this.streamsDurable) this.streamsQueued.set(stream, sequence);
     const last = scan.units[scan.units.length - 1];
-    if (last && scan.endIsDamage) {
-      this.openReport.cut = { unit: last.number, position: last.endPosition, reason: last.stopReason };
-      this.emit({ type: 'tail-cut', unit: last.number, position: last.endPosition, reason: last.stopReason });
-    }
-    // Records written but not yet covered by a finished sync span at most half a unit (the commit
-    // loop keeps what is unacknowledged within that): records two or more units past a damaged
-    // record were acknowledged after it, so the damage is not a torn tail, and cutting there would
-    // drop acknowledged records.
-    if (last && scan.endIsDamage) {
-      // The unsynced span is at most half a unit, so one that reaches unit N+1 starts in unit N past its middle.
-      const nextMayShareGroup = last.endPosition > Math.floor(this.unitBytes / 2);
-      for (const beyond of scan.unitsBeyond.filter((unit) => unit.number >= last.number + (nextMayShareGroup ? 2 : 1))) {
-        const lsn = await firstLsnOf(this.fileSystem, beyond.path, beyond.number);
-        if (lsn !== undefined && lsn > scan.lsnLast) {
-          throw new JournalDamagedError(
-            this.name,
-            `the record in unit ${last.number} at offset ${last.endPosition} is damaged (${last.stopReason}) but unit ${beyond.number} holds later records from lsn ${lsn}; run 'lifeline journal verify' and restore the unit before opening`,
-          );
-        }
+    // Torn tail or damage? A torn tail is only ever the end of the last group commit, so no record
+    // after it can claim to have been written after it was committed, and the metadata's commit
+    // point cannot be past it. Whatever lies past the end is searched for such claims, unless a
+    // clean close vouches that nothing lies past it.
+    const cleanEnd = meta.lsnClosed !== undefined && meta.lsnClosed === lsnEnd;
+    const past = cleanEnd || !last
+      ? undefined
+      : await scanPastEnd({
+          fileSystem: this.fileSystem,
+          units: [{ ref: last, from: last.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))],
+          unitBytes: this.unitBytes,
+          lsnAfter: lsnEnd,
+          generationMin: scan.generationLast,
+        });
+    const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: meta.lsnCommitted ?? 0, past, endIsDamage: scan.endIsDamage });
+    const damaged = verdict === 'damage';
+    const stop = { unit: last?.number ?? meta.unitFirst, position: last?.endPosition ?? 0, reason: last?.stopReason ?? 'no storage unit is left' };
+    if (damaged || (past !== undefined && past.markers.length > 0)) {
+      const loss = this.describeLoss(damaged ? 'damage' : 'tail-cut', stop, lsnEnd, proofLsn, past, streamLastTimeMs);
+      const losses = (meta.losses ?? []).filter((earlier) => !(earlier.lsnFirst === loss.lsnFirst && earlier.kind === loss.kind && earlier.healedTimeMs === undefined));
+      meta.losses = [...losses, loss].slice(-lossesKeptMax);
+      // Recorded before anything past the end is cleared: a crash in between finds the same loss again.
+      meta.lsnCommitted = lsnEnd;
+      delete meta.lsnClosed;
+      await this.persist();
+      if (damaged) {
+        this.openReport.damage = loss;
+        this.emit({ type: 'damage-found', loss });
       }
+    }
+    if (last && verdict !== 'end') {
+      this.openReport.cut = { unit: last.number, position: last.endPosition, reason: last.stopReason };
+      if (!damaged) this.emit({ type: 'tail-cut', unit: last.number, position: last.endPosition, reason: last.stopReason });
     }
     // Units past the end of the log hold nothing acknowledged.
     for (const beyond of scan.unitsBeyond) {
@@ -435,7 +449,7 @@ export class Journal {
     // Clear what lies past a cut (the torn record and anything after it), so that the log ends in
     // zero bytes there: later appends may be shorter than what they overwrite, and a leftover
     // must never read as damage to `journal verify` or to the next open.
-    const cutUnit = scan.endIsDamage && last ? this.unitByNumber.get(last.number) : undefined;
+    const cutUnit = this.openReport.cut && last ? this.unitByNumber.get(last.number) : undefined;
     if (cutUnit) {
       const zeroes = Buffer.alloc(Math.min(1 << 20, this.unitBytes));
       for (let position = cutUnit.writtenBytes; position < this.unitBytes; position += zeroes.length) {
@@ -445,6 +459,7 @@ export class Journal {
     }
     // A new generation makes any record left past the cut stale for good.
     meta.generation = Math.max(meta.generation, scan.generationLast) + 1;
+    delete meta.lsnClosed;
     meta.unitDirectories = this.pool.unitDirectories(this.name);
     if (meta.promotingToLsn > meta.watermarkLsn) {
       this.openReport.promotionResumed = true;
@@ -468,7 +483,73 @@ export class Journal {
   }
 
   private persist(): Promise<void> {
+    // Every lsn up to the durable one is acknowledged (or about to be, its sync done): open may rely on it.
+    this.meta.lsnCommitted = Math.max(this.meta.lsnCommitted ?? 0, this.durableLsn);
     return writeMetadata(this.fileSystem, this.directory, this.meta);
+  }
+
+  /**
+   * What a cut at the end of the scanned log loses: the lsn range, the streams that may have lost
+   * records (all of them when the records past the end do not show which), the source time from
+   * which no point is an image of the source, and the checkpoints whose markers lay past the end.
+   */
+  private describeLoss(kind: JournalLoss['kind'], stop: { unit: number; position: number; reason: string }, lsnEnd: number, proofLsn: number, past: PastEnd | undefined, streamLastTimeMs: ReadonlyMap<number, number>): JournalLoss {
+    const streams: JournalLoss['streams'] = [];
+    const known = new Set<number>([...this.streamsDurable.keys(), ...(past?.streams.keys() ?? [])]);
+    // Records past the end were seen up to lsnMax; any lsn between it and the proven commit point is unseen (stream unknown).
+    const unseenTail = proofLsn > (past?.lsnMax ?? 0);
+    let missing = 0;
+    for (const stream of [...known].sort((a, b) => a - b)) {
+      const sequenceKept = this.streamsDurable.get(stream) ?? 0;
+      const seen = past?.streams.get(stream);
+      const contiguous = seen !== undefined && seen.sequenceMin === sequenceKept + 1 && seen.records === seen.sequenceMax - seen.sequenceMin + 1;
+      if (seen) missing += seen.sequenceMin - sequenceKept - 1 + (seen.sequenceMax - seen.sequenceMin + 1 - seen.records);
+      if (!contiguous || unseenTail) streams.push({ stream, sequenceKept, sequenceSeenMax: seen?.sequenceMax ?? 0 });
+    }
+    const lsnLast = Math.max(proofLsn, past?.lsnMax ?? 0, lsnEnd + 1);
+    // The lost lsns the seen gaps do not account for belong to streams no record names.
+    const streamsUnknown = unseenTail || lsnLast - lsnEnd - (past?.records ?? 0) > missing;
+    const lost = streamsUnknown ? [...known] : streams.map((entry) => entry.stream);
+    if (streamsUnknown) for (const stream of known) if (!streams.some((entry) => entry.stream === stream)) streams.push({ stream, sequenceKept: this.streamsDurable.get(stream) ?? 0, sequenceSeenMax: past?.streams.get(stream)?.sequenceMax ?? 0 });
+    let timeMsFrom = past && past.records > 0 ? past.timeMsMin : Infinity;
+    for (const stream of lost) timeMsFrom = Math.min(timeMsFrom, streamLastTimeMs.get(stream) ?? this.meta.promotedTimeMsMax);
+    if (timeMsFrom === Infinity) timeMsFrom = this.meta.promotedTimeMsMax;
+    const checkpoints = new Map<string, { id: string; kind: string; name?: string }>();
+    for (const marker of past?.markers ?? []) {
+      const entry: { id: string; kind: string; name?: string } = { id: marker.id, kind: marker.kind };
+      if (marker.name !== undefined) entry.name = marker.name;
+      checkpoints.set(marker.id, entry);
+    }
+    return {
+      id: `${kind}-${this.meta.generation}-${lsnEnd + 1}`,
+      kind,
+      detectedMs: this.clock.nowMs(),
+      unit: stop.unit,
+      position: stop.position,
+      reason: stop.reason,
+      lsnFirst: lsnEnd + 1,
+      lsnLast,
+      timeMsFrom,
+      streams: streams.sort((a, b) => a.stream - b.stream),
+      streamsUnknown,
+      checkpoints: [...checkpoints.values()],
+    };
+  }
+
+  /** Cuts that open made (damage and torn tails with markers past them), oldest first. */
+  losses(): readonly JournalLoss[] {
+    return this.meta.losses ?? [];
+  }
+
+  /**
+   * Says that the streams a damage loss touched have healed: the source resent what differed, and
+   * points at or after `healedTimeMs` (source time) are images of the source again.
+   */
+  async lossHealed(id: string, healedTimeMs: number): Promise<void> {
+    const loss = this.meta.losses?.find((candidate) => candidate.id === id);
+    if (!loss || loss.healedTimeMs !== undefined) return;
+    this.meta.losses = this.meta.losses!.map((candidate) => (candidate === loss ? { ...candidate, healedTimeMs } : candidate));
+    await this.persist();
   }
 
   // ---- units -------------------------------------------------------------
@@ -699,7 +780,7 @@ export class Journal {
           position = 0;
           part = { unit, position: 0, end: 0, buffers: [], records: [], positions: [] };
         }
-        encodeHeaderAt(headers, headerAt, record, unit.number, this.meta.generation, record.data);
+        encodeHeaderAt(headers, headerAt, record, unit.number, this.meta.generation, record.data, this.durableLsn);
         part.buffers.push(headers.subarray(headerAt, headerAt + recordHeaderBytes));
         headerAt += recordHeaderBytes;
         if (record.data) part.buffers.push(record.data);
@@ -799,9 +880,36 @@ export class Journal {
       }
       const info: CheckpointInfo = { id, kind: state.marker.kind, streams: state.marker.streams, timeMs, recoverable: complete && !promoted };
       if (state.marker.name !== undefined) info.name = state.marker.name;
+      const lost = this.lostCheckpoints().get(id);
+      if (lost) {
+        info.recoverable = false;
+        info.lost = lost.why;
+      }
+      out.push(info);
+    }
+    for (const [id, lost] of this.lostCheckpoints()) {
+      if (this.checkpointStates.has(id)) continue;
+      const info: CheckpointInfo = { id, kind: lost.kind, streams: [], timeMs: lost.timeMs, recoverable: false, lost: lost.why };
+      if (lost.name !== undefined) info.name = lost.name;
       out.push(info);
     }
     return out.sort((a, b) => a.timeMs - b.timeMs);
+  }
+
+  /** Checkpoints a cut on open lost a marker of, with why (newest loss wins). */
+  private lostCheckpoints(): Map<string, { kind: string; name?: string; timeMs: number; why: string }> {
+    const out = new Map<string, { kind: string; name?: string; timeMs: number; why: string }>();
+    for (const loss of this.meta.losses ?? []) {
+      const why = loss.kind === 'damage'
+        ? `a marker of it was lost with journal records ${loss.lsnFirst}..${loss.lsnLast}: ${describeLossPlace(loss)}`
+        : `a marker of it lay past a torn tail cut on open (${describeLossPlace(loss)}); it was never acknowledged`;
+      for (const checkpoint of loss.checkpoints) {
+        const entry: { kind: string; name?: string; timeMs: number; why: string } = { kind: checkpoint.kind, timeMs: loss.timeMsFrom, why };
+        if (checkpoint.name !== undefined) entry.name = checkpoint.name;
+        out.set(checkpoint.id, entry);
+      }
+    }
+    return out;
   }
 
   // ---- promotion ---------------------------------------------------------------
@@ -1084,7 +1192,9 @@ export class Journal {
       what = `checkpoint '${options.at.checkpoint}'`;
       const state = this.checkpointStates.get(options.at.checkpoint);
       const info = this.checkpoints().find((checkpoint) => checkpoint.id === (options.at as { checkpoint: string }).checkpoint);
+      if (info?.lost) throw new RecoveryPointUnavailableError(what, info.lost);
       if (!state || !info) throw new RecoveryPointUnavailableError(what, 'the journal holds no marker of it');
+      if (info.lost) throw new RecoveryPointUnavailableError(what, info.lost);
       if (!info.recoverable) throw new RecoveryPointUnavailableError(what, 'not every stream has its marker durable, or it was promoted');
       for (const [stream, sequence] of this.streamsDurable) cut[stream] = this.streamPromoted(stream);
       for (const stream of state.marker.streams) cut[stream] = state.markers.get(stream)!.sequence - 1;
@@ -1097,6 +1207,11 @@ export class Journal {
       const oldest = this.status().oldestRecoverableMs;
       if (this.meta.watermarkLsn > 0 && timeMs < oldest) {
         throw new RecoveryPointUnavailableError(what, `the oldest recoverable point is ${new Date(oldest).toISOString()}`);
+      }
+      for (const loss of this.meta.losses ?? []) {
+        if (loss.kind !== 'damage' || timeMs < loss.timeMsFrom || (loss.healedTimeMs !== undefined && timeMs >= loss.healedTimeMs)) continue;
+        const until = loss.healedTimeMs === undefined ? 'the streams heal' : new Date(loss.healedTimeMs).toISOString();
+        throw new RecoveryPointUnavailableError(what, `journal records ${loss.lsnFirst}..${loss.lsnLast} were lost (${describeLossPlace(loss)}): no point from ${new Date(loss.timeMsFrom).toISOString()} until ${until} is an image of the source`);
       }
       cut.fill(Infinity);
     }
@@ -1121,6 +1236,13 @@ export class Journal {
     while (this.committing) await new Promise((resolve) => setTimeout(resolve, 1));
     await this.promotion;
     for (const view of [...this.views]) await view.close();
+    if (!this.failure) {
+      // Nothing lies past the durable end: the next open need not search past it, and damage before it is proven.
+      this.meta.lsnClosed = this.durableLsn;
+      await this.persist().catch(() => {
+        delete this.meta.lsnClosed;
+      });
+    }
     const spare = this.spare;
     this.spare = undefined;
     if (spare) {

@@ -4,7 +4,7 @@
  * fails a check; see README for why every check is there.
  */
 import type { JournalFile, JournalFileSystem } from './file-system.js';
-import { checkRecord, decodeHeader, recordDataBytes, recordHeaderBytes, RecordKind, type RecordHeader } from './record.js';
+import { checkRecord, claimedCommitLsn, decodeHeader, decodeMarker, recordDataBytes, recordHeaderBytes, RecordKind, type RecordHeader } from './record.js';
 
 const scanWindowBytes = 4 * 1024 * 1024;
 
@@ -173,4 +173,122 @@ async function startsWith(fileSystem: JournalFileSystem, unit: UnitRef, lsn: num
   } finally {
     await file.close();
   }
+}
+
+/** Valid records of this log found past where the scan ended: a later group's, or records beyond a damaged one. */
+export interface PastEnd {
+  records: number;
+  /** Largest lsn among them (0: none). */
+  lsnMax: number;
+  /** Largest commit point any of them claims (see record.ts): every lsn up to it had been acknowledged. */
+  claimMax: number;
+  timeMsMin: number;
+  timeMsMax: number;
+  /** Per stream, the sequences seen and how many. */
+  streams: Map<number, { sequenceMin: number; sequenceMax: number; records: number }>;
+  /** Checkpoint markers among them (their checkpoints cannot be recovered once the log is cut before them). */
+  markers: { id: string; kind: string; name?: string; stream: number; lsn: number }[];
+  /** Where the first of them lies. */
+  first: { unit: number; position: number; lsn: number } | undefined;
+}
+
+export interface PastEndOptions {
+  fileSystem: JournalFileSystem;
+  /** The unit the log ended in (searched from `from`) and every unit after it (from 0). */
+  units: { ref: UnitRef; from: number }[];
+  unitBytes: number;
+  /** Only records with a larger lsn count. */
+  lsnAfter: number;
+  /** Only records of this generation or newer count (older ones are stale leftovers of a cut). */
+  generationMin: number;
+}
+
+const magicBytes = Buffer.alloc(4);
+magicBytes.writeUInt32LE(0x3152_4a4c);
+
+/**
+ * Searches past the end of the log for whole records of it (magic, header, unit number, lsn,
+ * generation and CRC all sound). Used by open to tell a torn tail from damage: a torn tail is the
+ * end of the last group commit, so nothing after it can claim it was committed; a record after it
+ * that does proves the end is damage. The search goes byte by byte only where no record is found,
+ * and jumps over the data of every record it accepts.
+ */
+export async function scanPastEnd(options: PastEndOptions): Promise<PastEnd> {
+  const past: PastEnd = { records: 0, lsnMax: 0, claimMax: 0, timeMsMin: Infinity, timeMsMax: -Infinity, streams: new Map(), markers: [], first: undefined };
+  for (const { ref, from } of options.units) {
+    const file = await options.fileSystem.open(ref.path, 'read');
+    try {
+      const fileBytes = Math.min(options.unitBytes, await file.sizeBytes());
+      const reader = new WindowReader(file, fileBytes);
+      let position = from;
+      while (position + recordHeaderBytes <= fileBytes) {
+        const chunkBytes = Math.min(scanWindowBytes, fileBytes - position);
+        const chunk = await reader.read(position, chunkBytes);
+        if (!chunk) break;
+        const found = chunk.indexOf(magicBytes);
+        if (found < 0) {
+          // The magic may straddle the window's end: look again from its last 3 bytes.
+          position += Math.max(1, chunk.length - 3);
+          continue;
+        }
+        const at = position + found;
+        const raw = await reader.read(at, recordHeaderBytes);
+        const header = raw && decodeHeader(raw);
+        if (!raw || !header || typeof header === 'string' || header.unit !== ref.number || header.lsn <= options.lsnAfter || header.generation < options.generationMin) {
+          position = at + 1;
+          continue;
+        }
+        const dataBytes = recordDataBytes(header.kind, header.lengthBytes);
+        if (at + recordHeaderBytes + dataBytes > fileBytes) {
+          position = at + 1;
+          continue;
+        }
+        const headerCopy = Buffer.from(raw);
+        const data = dataBytes > 0 ? await reader.read(at + recordHeaderBytes, dataBytes) : undefined;
+        if ((dataBytes > 0 && !data) || !checkRecord(headerCopy, data)) {
+          position = at + 1;
+          continue;
+        }
+        past.records++;
+        past.first ??= { unit: ref.number, position: at, lsn: header.lsn };
+        past.lsnMax = Math.max(past.lsnMax, header.lsn);
+        past.claimMax = Math.max(past.claimMax, claimedCommitLsn(header));
+        past.timeMsMin = Math.min(past.timeMsMin, header.timeMs);
+        past.timeMsMax = Math.max(past.timeMsMax, header.timeMs);
+        const stream = past.streams.get(header.stream);
+        if (stream) {
+          stream.sequenceMin = Math.min(stream.sequenceMin, header.sequence);
+          stream.sequenceMax = Math.max(stream.sequenceMax, header.sequence);
+          stream.records++;
+        } else past.streams.set(header.stream, { sequenceMin: header.sequence, sequenceMax: header.sequence, records: 1 });
+        if (header.kind === RecordKind.checkpoint && data) {
+          try {
+            const marker = decodeMarker(data);
+            const noted: PastEnd['markers'][number] = { id: String(marker.id), kind: String(marker.kind), stream: header.stream, lsn: header.lsn };
+            if (marker.name !== undefined) noted.name = String(marker.name);
+            past.markers.push(noted);
+          } catch {
+            // A marker whose CRC holds but whose JSON does not parse was never written by us; nothing to name.
+          }
+        }
+        position = at + recordHeaderBytes + dataBytes;
+      }
+    } finally {
+      await file.close();
+    }
+  }
+  return past;
+}
+
+/**
+ * How the log ends, from what open and the offline tool both know: `damage` when the metadata's
+ * commit point or a record past the end proves that the end was acknowledged; `torn-tail` when
+ * bytes or records lie past the end but none claims it was committed (the end of the last group
+ * commit, torn by a crash); `end` when nothing lies past it.
+ */
+export function judgeEnd(input: { lsnEnd: number; lsnCommitted: number; past: PastEnd | undefined; endIsDamage: boolean }): { verdict: 'end' | 'torn-tail' | 'damage'; proofLsn: number } {
+  const proofLsn = Math.max(input.lsnCommitted, input.past?.claimMax ?? 0);
+  if (proofLsn > input.lsnEnd) return { verdict: 'damage', proofLsn };
+  if (input.endIsDamage || (input.past?.records ?? 0) > 0) return { verdict: 'torn-tail', proofLsn };
+  return { verdict: 'end', proofLsn };
 }
