@@ -51,7 +51,7 @@ export interface ApplianceStatus {
   addresses: { control: string; nbd?: string; receive?: string };
   rateLimitBytesPerSecond: number;
   volumes: { name: string; sizeBytes: number; group: string | undefined; path: string }[];
-  groups: (SourceGroupStatus | TargetGroupStatus)[];
+  groups: (SourceGroupStatus | TargetGroupStatus | FailedGroupStatus)[];
   /** The replication receiver's counters since start (present when the appliance receives groups). */
   receiver?: Receiver['counters'];
   /**
@@ -60,6 +60,70 @@ export interface ApplianceStatus {
    * a record made over an older version of the file, set aside at this start.
    */
   configuration: { from: ProtectionInForce['from']; recordedMs?: number; dropped?: ProtectionInForce['dropped'] };
+  /** Use of each bounded resource against its limit. */
+  limits: ApplianceLimitsStatus;
+}
+
+/** A target group that could not open: the appliance runs without it until it is repaired. */
+export interface FailedGroupStatus {
+  group: string;
+  role: 'target';
+  state: 'failed';
+  reason: string;
+  /** What an operator can do, as commands to run. */
+  repair: string[];
+  alerts: { condition: string; severity: 'error'; message: string }[];
+}
+
+function failedTargetGroup(group: string, directory: string, error: unknown): FailedGroupStatus {
+  const reason = error instanceof Error ? error.message : String(error);
+  const journal = path.join(directory, 'journal');
+  return {
+    group,
+    role: 'target',
+    state: 'failed',
+    reason,
+    repair: [
+      `bin/lifeline journal verify ${journal}    # names the first damaged record or missing unit`,
+      `bin/lifeline journal inspect ${journal}   # units, streams, checkpoints and earlier losses`,
+      `# restore the unit or datastore named above and restart the appliance; or, to start the group's history anew from its replica,`,
+      `# stop the appliance, move ${journal} and its unit directories (inspect lists them) aside and start it: the sources see the loss and heal the replica by a delta sync`,
+    ],
+    alerts: [{ condition: 'group-failed', severity: 'error', message: `Group '${group}' failed to open and receives nothing: ${reason}` }],
+  };
+}
+
+export interface ApplianceLimitsStatus {
+  /** Control API requests being handled, this one included, and `control.requestsInFlightMax`. */
+  controlRequests: { inFlight: number; max: number };
+  /** NBD connections past the handshake of each export (volume or view), and `nbd.connectionsPerExportMax`. */
+  nbdConnections?: { perExportMax: number; exports: Record<string, number> };
+  /**
+   * Recovery views open (and being opened, which hold their place) on the appliance and per group,
+   * against `receive.viewsMax` and `receive.viewsPerGroupMax`.
+   */
+  views?: { open: number; opening: number; max: number; perGroupMax: number; groups: Record<string, number> };
+  /** The open views' scratch: reserved (the sum of their `scratchBytesMax`), written so far, and `receive.viewsScratchBytesMax`. */
+  viewsScratch?: { bytesReserved: number; bytesUsed: number; bytesMax: number };
+}
+
+/** A bounded resource is at its limit: the request would pass it. */
+export class LimitReached extends Error {
+  constructor(readonly limit: string, message: string) {
+    super(message);
+    this.name = 'LimitReached';
+  }
+}
+
+/** An open recovery view, as `GET /v1/groups/:group/views` lists it. */
+export interface ViewListing {
+  name: string;
+  volume: string;
+  at: ViewPoint;
+  uri: string | undefined;
+  scratchBytesMax: number;
+  scratchBytesUsed: number;
+  nbdConnections: number;
 }
 
 /** A change made through the control API is in force but could not be recorded, so it would not outlive a restart. */
@@ -126,12 +190,20 @@ export class Appliance {
   private readonly volumes = new Map<string, ServedVolume>();
   readonly sources = new Map<string, SourceGroup>();
   readonly targets = new Map<string, TargetGroup>();
+  /** Target groups that could not open at start, with why and how to repair them. */
+  readonly failedTargets = new Map<string, FailedGroupStatus>();
   private nbd: NbdServer | undefined;
   private receiveServer: tls.Server | undefined;
   private receiver: Receiver | undefined;
   private control: ControlApi | undefined;
   private tickTimer: Timer | undefined;
-  private readonly views = new Map<string, { group: string; volume: string; view: RecoveryView; at: ViewPoint }>();
+  private readonly views = new Map<string, { group: string; volume: string; view: RecoveryView; at: ViewPoint; scratchBytesMax: number }>();
+  /**
+   * The places views hold against the limits: one per view open or being opened, taken before the
+   * view is opened (so requests that arrive together cannot all pass a limit) and given back once it
+   * has closed (its scratch file removed) or failed to open.
+   */
+  private readonly viewPlaces = new Map<string, { group: string; scratchBytesMax: number }>();
   private viewNumber = 0;
   private stopped = false;
   private volumeProtection: VolumeProtectionState = { version: 1, volumes: {} };
@@ -179,13 +251,18 @@ export class Appliance {
     this.volumeProtection = await this.readVolumeProtection();
     if (config.receive) {
       for (const group of config.receive.groups) {
-        const target = await TargetGroup.open({
-          config: group,
-          directory: path.join(this.options.dataDirectory, 'target', group.group),
-          fileSystem: this.fileSystem,
-          clock: this.scheduler,
-          logger: this.logger,
-        });
+        const directory = path.join(this.options.dataDirectory, 'target', group.group);
+        let target: TargetGroup;
+        try {
+          target = await TargetGroup.open({ config: group, directory, fileSystem: this.fileSystem, clock: this.scheduler, logger: this.logger });
+        } catch (error) {
+          // One group that cannot open (a damaged journal that open cannot salvage, a missing unit or
+          // replica) fails alone: the appliance starts, and every other group runs.
+          const failed = failedTargetGroup(group.group, directory, error);
+          this.failedTargets.set(group.group, failed);
+          this.logger.error('target group failed to open; every other group runs', { group: group.group, reason: failed.reason, repair: failed.repair });
+          continue;
+        }
         target.journal.on((event) => this.logger.info('journal event', { group: group.group, ...flatten(event) }));
         this.targets.set(group.group, target);
       }
@@ -217,6 +294,8 @@ export class Appliance {
     const receiverTarget: ReceiverTarget = {
       openStream: async (hello: Hello, peerName: string | undefined) => {
         const target = this.targets.get(hello.group);
+        const failed = this.failedTargets.get(hello.group);
+        if (failed) return { refuse: { code: 'journal-failed', message: `group '${hello.group}' failed to open at '${this.config.appliance.name}': ${failed.reason}` } };
         if (!target) return { refuse: { code: 'unknown-group', message: `appliance '${this.config.appliance.name}' receives no group '${hello.group}'` } };
         return target.openStream(hello, peerName);
       },
@@ -471,7 +550,7 @@ export class Appliance {
     // A target serves recovery views on the same server, added while it runs.
     if (exports.length === 0 && this.targets.size === 0) return;
     await this.recordProtection(unprotected, null);
-    this.nbd = new NbdServer({ exports, logger: this.logger, allowNoExports: true });
+    this.nbd = new NbdServer({ exports, logger: this.logger, allowNoExports: true, connectionsPerExportMax: this.config.nbd?.connectionsPerExportMax });
     const address = await this.nbd.listen({ host: listen.host, port: listen.port });
     this.addresses.nbd = formatAddress(address);
     this.logger.info('serving volumes over NBD', { address: this.addresses.nbd, volumes: exports.map((entry) => entry.name) });
@@ -487,10 +566,55 @@ export class Appliance {
       addresses: this.addresses,
       rateLimitBytesPerSecond: this.rateLimit.rateBytesPerSecond,
       volumes: [...this.volumes.values()].map((volume) => ({ name: volume.name, sizeBytes: volume.file.sizeBytes, group: owner.get(volume.name), path: volume.path })),
-      groups: [...[...this.sources.values()].map((source) => source.status()), ...[...this.targets.values()].map((target) => target.status())],
+      groups: [...[...this.sources.values()].map((source) => source.status()), ...[...this.targets.values()].map((target) => target.status()), ...this.failedTargets.values()],
       ...(this.receiver ? { receiver: { ...this.receiver.counters } } : {}),
       configuration: { ...this.configuration },
+      limits: this.limitsStatus(),
     };
+  }
+
+  private limitsStatus(): ApplianceLimitsStatus {
+    const limits: ApplianceLimitsStatus = { controlRequests: { inFlight: this.control?.requestsInFlight ?? 0, max: this.config.control.requestsInFlightMax } };
+    if (this.nbd) limits.nbdConnections = { perExportMax: this.nbd.connectionsPerExportMax, exports: this.nbd.connectionsByExport() };
+    const receive = this.config.receive;
+    if (receive) {
+      const groups: Record<string, number> = {};
+      for (const group of this.targets.keys()) groups[group] = 0;
+      let bytesReserved = 0;
+      for (const place of this.viewPlaces.values()) {
+        groups[place.group] = (groups[place.group] ?? 0) + 1;
+        bytesReserved += place.scratchBytesMax;
+      }
+      let bytesUsed = 0;
+      for (const entry of this.views.values()) bytesUsed += entry.view.scratchBytes;
+      limits.views = { open: this.views.size, opening: this.viewPlaces.size - this.views.size, max: receive.viewsMax, perGroupMax: receive.viewsPerGroupMax, groups };
+      limits.viewsScratch = { bytesReserved, bytesUsed, bytesMax: receive.viewsScratchBytesMax };
+    }
+    return limits;
+  }
+
+  /**
+   * Takes a view's place against the limits (views on the appliance, views of the group, scratch
+   * reserved), or throws `LimitReached` naming the limit and its use.
+   */
+  private takeViewPlace(name: string, group: string, scratchBytesMax: number): void {
+    const receive = this.config.receive!;
+    const ofGroup = [...this.viewPlaces.values()].filter((place) => place.group === group).length;
+    if (this.viewPlaces.size >= receive.viewsMax) {
+      throw new LimitReached('receive.viewsMax', `Cannot open another recovery view as appliance '${this.config.appliance.name}' has ${this.viewPlaces.size} of its ${receive.viewsMax} views open (receive.viewsMax); close one first`);
+    }
+    if (ofGroup >= receive.viewsPerGroupMax) {
+      throw new LimitReached('receive.viewsPerGroupMax', `Cannot open another recovery view of group '${group}' as it has ${ofGroup} of its ${receive.viewsPerGroupMax} views open (receive.viewsPerGroupMax); close one first`);
+    }
+    let reserved = 0;
+    for (const place of this.viewPlaces.values()) reserved += place.scratchBytesMax;
+    if (reserved + scratchBytesMax > receive.viewsScratchBytesMax) {
+      throw new LimitReached(
+        'receive.viewsScratchBytesMax',
+        `Cannot reserve ${scratchBytesMax} bytes of scratch for another recovery view as the open views reserve ${reserved} of the appliance's ${receive.viewsScratchBytesMax} (receive.viewsScratchBytesMax); ${Math.max(0, receive.viewsScratchBytesMax - reserved)} are left: ask for less ('scratchBytesMax') or close a view`,
+      );
+    }
+    this.viewPlaces.set(name, { group, scratchBytesMax });
   }
 
   /** Opens a recovery view of a received volume and exports it over NBD. */
@@ -500,13 +624,36 @@ export class Appliance {
     const volumeId = target.config.volumes.findIndex((volume) => volume.name === options.volume);
     if (volumeId < 0) throw new Error(`Cannot open a view as group '${options.group}' has no volume '${options.volume}'`);
     if (!this.nbd) throw new Error(`Cannot export a view as appliance '${this.config.appliance.name}' has no NBD address (set nbd.listen)`);
+    if (this.stopped) throw new Error(`Cannot open a view as appliance '${this.config.appliance.name}' is stopping`);
     const name = `view-${options.group}-${options.volume}-${++this.viewNumber}`;
-    target.checkConsistentPoint(volumeId, options.at);
-    const view = await target.journal.openView({ volume: volumeId, at: options.at, scratchBytesMax: options.scratchBytesMax, name });
-    this.nbd.addExport({ name, store: view, description: `recovery view of ${options.group}/${options.volume} at ${JSON.stringify(options.at)}` });
-    this.views.set(name, { group: options.group, volume: options.volume, view, at: options.at });
-    this.logger.info('recovery view opened', { group: options.group, volume: options.volume, view: name, at: options.at });
-    return { name, uri: this.addresses.nbd ? `nbd://${this.addresses.nbd}/${name}` : undefined };
+    this.takeViewPlace(name, options.group, options.scratchBytesMax);
+    try {
+      target.checkConsistentPoint(volumeId, options.at);
+      const view = await target.journal.openView({ volume: volumeId, at: options.at, scratchBytesMax: options.scratchBytesMax, name });
+      try {
+        // The appliance began to stop while the view opened: its views are being closed.
+        if (this.stopped || !this.nbd) throw new Error(`Cannot export a view as appliance '${this.config.appliance.name}' is stopping`);
+        this.nbd.addExport({ name, store: view, description: `recovery view of ${options.group}/${options.volume} at ${JSON.stringify(options.at)}` });
+      } catch (error) {
+        await view.close().catch(() => undefined);
+        throw error;
+      }
+      this.views.set(name, { group: options.group, volume: options.volume, view, at: options.at, scratchBytesMax: options.scratchBytesMax });
+    } catch (error) {
+      this.viewPlaces.delete(name);
+      throw error;
+    }
+    this.logger.info('recovery view opened', { group: options.group, volume: options.volume, view: name, at: options.at, scratchBytesMax: options.scratchBytesMax });
+    return { name, uri: this.viewUri(name) };
+  }
+
+  private viewUri(name: string): string | undefined {
+    return this.addresses.nbd ? `nbd://${this.addresses.nbd}/${name}` : undefined;
+  }
+
+  /** The group an open view belongs to (undefined: no such view open). */
+  viewGroup(name: string): string | undefined {
+    return this.views.get(name)?.group;
   }
 
   async closeView(name: string): Promise<boolean> {
@@ -514,13 +661,29 @@ export class Appliance {
     if (!entry) return false;
     this.nbd?.removeExport(name);
     this.views.delete(name);
-    await entry.view.close();
+    try {
+      await entry.view.close();
+    } finally {
+      // Its scratch is gone (or cannot be removed, which a new view does not fill): the place is free.
+      this.viewPlaces.delete(name);
+    }
     this.logger.info('recovery view closed', { view: name });
     return true;
   }
 
-  listViews(group: string): { name: string; volume: string; at: ViewPoint }[] {
-    return [...this.views].filter(([, entry]) => entry.group === group).map(([name, entry]) => ({ name, volume: entry.volume, at: entry.at }));
+  listViews(group: string): ViewListing[] {
+    const connections = this.nbd?.connectionsByExport() ?? {};
+    return [...this.views]
+      .filter(([, entry]) => entry.group === group)
+      .map(([name, entry]) => ({
+        name,
+        volume: entry.volume,
+        at: entry.at,
+        uri: this.viewUri(name),
+        scratchBytesMax: entry.scratchBytesMax,
+        scratchBytesUsed: entry.view.scratchBytes,
+        nbdConnections: connections[name] ?? 0,
+      }));
   }
 
   async stop(): Promise<void> {

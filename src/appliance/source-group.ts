@@ -36,7 +36,7 @@ import { TokenBucket } from '../replication/rate.js';
 import { sleep, type Scheduler } from '../replication/scheduler.js';
 import { Shipper, type ShipperStats } from '../replication/shipper.js';
 import { StreamQueue, type ByteRange } from '../replication/queue.js';
-import { blockSumBytes, blockSums, type Welcome } from '../replication/wire.js';
+import { blockSumBytes, blockSums, type LossReported, type Welcome } from '../replication/wire.js';
 import { DirtyGateStore, DirtyLogDamagedError, DirtyRegionLog } from '../replication/dirty-log.js';
 import type { ProtectConfig } from './config.js';
 
@@ -66,18 +66,31 @@ export const deltaSumsAttemptsMax = 40;
 
 export interface SyncProgress {
   state: SyncState;
-  /** Why the current sync runs. */
+  /** Why the current sync runs (undefined once the group is in sync: see `last`). */
   reason: string | undefined;
+  /** Bytes of the volumes the sync covers, has covered (read, or found to read as zeroes) and has left. */
   bytesTotal: number;
   bytesDone: number;
   bytesLeft: number;
-  /** Bytes per second over the sync so far. */
+  /**
+   * Bytes the sync read from the volumes so far: ranges that hold data (initial sync, resync), every
+   * byte compared (delta sync). Ranges the volume reports as holes or zeroes are not read (they go as
+   * zero entries) and are not counted.
+   */
+  bytesRead?: number;
+  /** `bytesRead` per second over the sync so far: what the sync costs the volumes' storage (a sparse volume is covered far faster). */
   rateBytesPerSecond: number;
-  /** Estimated time left, ms (undefined until a rate is known). */
+  /**
+   * Estimated time left, ms: `bytesLeft` at the pace the sync has covered the volumes so far (read or
+   * skipped as zeroes), so it assumes the rest holds data in the proportion seen so far (undefined
+   * until there is progress).
+   */
   etaMs: number | undefined;
   startedMs: number | undefined;
   /** Delta sync: bytes whose checksum matched the target's (not shipped), and bytes shipped. */
   delta?: { bytesMatched: number; bytesShipped: number; piecesShippedWhole: number };
+  /** In sync after a sync of this run: which one ended last, why it ran, and when it ended (the figures above are its). */
+  last?: { state: SyncState; reason: string | undefined; endedMs: number };
 }
 
 export interface SourceVolume {
@@ -221,6 +234,8 @@ export interface SourceGroupStatus {
   rateLimitBytesPerSecond: number;
   quiesced: boolean;
   volumes: { id: number; name: string; sizeBytes: number }[];
+  /** Active alerts: the target lost entries it had acknowledged, until the delta sync that heals them is acknowledged. */
+  alerts: { condition: string; severity: 'warning' | 'error'; message: string; sinceMs: number }[];
 }
 
 export class SourceGroup {
@@ -314,7 +329,7 @@ export class SourceGroup {
     this.shipper = this.makeShipper(0);
   }
 
-  private makeShipper(sequenceBase: number): Shipper {
+  private makeShipper(sequenceBase: number, lossReported?: LossReported): Shipper {
     const options = this.options;
     return new Shipper({
       hello: {
@@ -324,6 +339,7 @@ export class SourceGroup {
         epoch: this.epoch,
         sequenceBase,
         volumes: options.volumes.map((volume) => ({ id: volume.id, name: volume.name, sizeBytes: volume.file.sizeBytes })),
+        ...(lossReported ? { lossReported } : {}),
       },
       queue: this.queue,
       connect: options.connect,
@@ -337,7 +353,55 @@ export class SourceGroup {
         this.acknowledged(sequence);
       },
       onWelcome: (welcome) => this.targetWelcomed(welcome),
+      onTargetLost: (loss) => this.targetLost(loss),
     });
+  }
+
+  /** The target lost entries it had acknowledged, while this group was waiting for them to be healed (cleared when the owed delta sync is acknowledged). */
+  private targetLoss: { message: string; sinceMs: number } | undefined;
+  /** Source time from which the target lacks entries it had acknowledged (the RPO counts from it until the heal is acknowledged). */
+  private lossOldestTimeMs: number | undefined;
+  private healing = false;
+
+  private noteTargetLoss(message: string): void {
+    if (this.targetLoss) return;
+    this.targetLoss = { message, sinceMs: this.options.scheduler.nowMs() };
+    this.options.logger.error('the target lost entries it had acknowledged: a delta sync heals them', { group: this.name, reason: message });
+  }
+
+  /**
+   * The target's WELCOME says it holds less of this epoch than it acknowledged. Those entries are
+   * gone from the queue and their regions from the dirty-region log, so the stream cannot go on in
+   * this epoch: a new one starts right after what this side saw acknowledged (the queue resends
+   * everything after it), its HELLO reports the loss so that the target opens a window from what it
+   * still holds, and a delta sync of every volume, owed durably first, finds and resends what differs.
+   */
+  private targetLost(loss: LossReported & { target: string }): void {
+    if (this.stopping || this.healing) return;
+    this.healing = true;
+    const message = `the target '${loss.target}' holds sequence ${loss.sequenceDurable} of epoch ${loss.epoch} but had acknowledged ${loss.sequenceAcknowledged}`;
+    this.noteTargetLoss(message);
+    // Until the new epoch's WELCOME says from when the target lacks them, the RPO counts from now at least.
+    this.lossOldestTimeMs = Math.min(this.lossOldestTimeMs ?? Infinity, this.options.scheduler.nowMs());
+    void (async () => {
+      const old = this.shipper;
+      await old.stop();
+      const stats = old.stats();
+      this.shippedBefore.rawBytesSent += stats.rawBytesSent;
+      this.shippedBefore.wireBytesSent += stats.wireBytesSent;
+      if (this.state.initialSyncDone) await this.oweDeltaSync(message);
+      // Before the initial sync is done it ships every block anyway; one begun before the loss is run again.
+      else if (this.syncActive) this.resyncFollowUp = mergeSettles(this.resyncFollowUp, { initial: true, delta: undefined });
+      if (this.stopping) return;
+      this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
+      this.shipper = this.makeShipper(loss.sequenceAcknowledged, { epoch: loss.epoch, sequenceDurable: loss.sequenceDurable, sequenceAcknowledged: loss.sequenceAcknowledged });
+      this.shipper.start();
+      this.options.logger.warn('new session after the target lost acknowledged entries', { group: this.name, epoch: this.epoch, resumeAfter: loss.sequenceAcknowledged });
+    })()
+      .catch((error: unknown) => this.options.logger.error('cannot start the session that heals the target', { group: this.name, error: (error as Error).message }))
+      .finally(() => {
+        this.healing = false;
+      });
   }
 
   /**
@@ -351,6 +415,18 @@ export class SourceGroup {
   private targetWelcomed(welcome: Welcome): void {
     const window = welcome.syncWindowOpen;
     if (!window || this.stopping) return;
+    if (window.deltaSyncNeeded) {
+      // The target lost records it had acknowledged (it found damage in its journal): only a delta sync
+      // that begins now tells what differs. One running began before the target knew; one waiting will do.
+      const since = new Date(window.beginTimeMs).toISOString();
+      const message = `the target '${welcome.appliance}' lost records it had acknowledged; no point there from ${since} is recoverable until a delta sync ends`;
+      this.noteTargetLoss(message);
+      this.lossOldestTimeMs = Math.min(this.lossOldestTimeMs ?? Infinity, window.beginTimeMs);
+      const running = this.syncActive && this.sync.state === 'delta-sync';
+      if (!this.state.initialSyncDone || (this.state.deltaSyncOwed !== undefined && !running)) return;
+      void this.oweDeltaSync(message).catch(() => undefined);
+      return;
+    }
     if (this.syncEndSequenceLast > welcome.sequenceDurable) return;
     if (this.syncActive || this.sync.state !== 'in-sync' || this.syncRetry || this.resyncFollowUp || this.resyncPending.length > 0) return;
     if (this.overflowUnderway() || this.deltaSyncWaiting()) return;
@@ -672,7 +748,7 @@ export class SourceGroup {
   private startSync(state: SyncState, reason: string, regions: SyncRegion[], settles: SyncSettles): void {
     let bytesTotal = 0;
     for (const region of regions) bytesTotal += region.lengthBytes;
-    this.sync = { state, reason, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, rateBytesPerSecond: 0, etaMs: undefined, startedMs: this.options.scheduler.nowMs() };
+    this.sync = { state, reason, bytesTotal, bytesDone: 0, bytesLeft: bytesTotal, bytesRead: 0, rateBytesPerSecond: 0, etaMs: undefined, startedMs: this.options.scheduler.nowMs() };
     if (state === 'delta-sync') this.sync.delta = { bytesMatched: 0, bytesShipped: 0, piecesShippedWhole: 0 };
     this.options.logger.info('sync started', { group: this.name, state, reason, bytesTotal });
     this.syncActive = true;
@@ -709,7 +785,7 @@ export class SourceGroup {
           this.requestDeltaSumsAhead(region.volume, offset, end);
           await this.deltaPiece(tap, region.volume, offset, lengthBytes);
           offset += lengthBytes;
-          this.noteSyncProgress(lengthBytes);
+          this.noteSyncProgress(lengthBytes, lengthBytes);
           continue;
         }
         // Ranges that read as zeroes need no read: a zero entry says the same in a few bytes. It is
@@ -727,9 +803,13 @@ export class SourceGroup {
         }
         if (at < offset + lengthBytes) reads.push({ offset: at, lengthBytes: offset + lengthBytes - at });
         this.shipper.wake();
-        for (const read of reads) await tap.readForSync(read.offset, read.lengthBytes);
+        let bytesRead = 0;
+        for (const read of reads) {
+          await tap.readForSync(read.offset, read.lengthBytes);
+          bytesRead += read.lengthBytes;
+        }
         offset += lengthBytes;
-        this.noteSyncProgress(lengthBytes);
+        this.noteSyncProgress(lengthBytes, bytesRead);
       }
       if (this.stopping) return;
     }
@@ -750,7 +830,9 @@ export class SourceGroup {
       if (this.resyncOldestTimeMs !== undefined && this.resyncPending.length === 0 && !this.resyncFollowUp) this.resyncOldestClearAt = end.sequence;
     }
     this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal, ...(this.sync.delta ? { delta: this.sync.delta } : {}) });
-    this.sync = { ...this.sync, state: 'in-sync', bytesLeft: 0, etaMs: 0 };
+    // In sync: why the sync ran no longer holds; it is kept as the last sync's, with its figures.
+    const last = { state: this.sync.state, reason: this.sync.reason, endedMs: this.options.scheduler.nowMs() };
+    this.sync = { ...this.sync, state: 'in-sync', reason: undefined, bytesLeft: 0, etaMs: 0, last };
   }
 
   /** The target holds every entry up to `sequence`: an initial or owed delta sync whose end it covers is done. */
@@ -766,6 +848,11 @@ export class SourceGroup {
     const next = { ...this.state };
     if (settles.initial) next.initialSyncDone = true;
     if (settles.delta === this.deltaOwedGeneration) delete next.deltaSyncOwed;
+    if (this.targetLoss && next.deltaSyncOwed === undefined && next.initialSyncDone) {
+      this.options.logger.info('the target holds every entry again: the loss it reported is healed', { group: this.name, reason: this.targetLoss.message });
+      this.targetLoss = undefined;
+      this.lossOldestTimeMs = undefined;
+    }
     if (next.initialSyncDone === this.state.initialSyncDone && next.deltaSyncOwed === this.state.deltaSyncOwed) return;
     this.state = next;
     // Not persisted (an error is logged): the next start runs the sync again, which is safe. The volumes
@@ -880,13 +967,16 @@ export class SourceGroup {
     return this.syncStatus();
   }
 
-  private noteSyncProgress(bytes: number): void {
+  /** `bytes` of the volumes covered, of which `bytesRead` were read (the rest read as zeroes: not read, a zero entry). */
+  private noteSyncProgress(bytes: number, bytesRead: number): void {
     const sync = this.sync;
     sync.bytesDone += bytes;
+    sync.bytesRead = (sync.bytesRead ?? 0) + bytesRead;
     sync.bytesLeft = Math.max(0, sync.bytesTotal - sync.bytesDone);
     const elapsedMs = this.options.scheduler.nowMs() - (sync.startedMs ?? 0);
-    sync.rateBytesPerSecond = elapsedMs > 0 ? (sync.bytesDone * 1000) / elapsedMs : 0;
-    sync.etaMs = sync.rateBytesPerSecond > 0 ? Math.round((sync.bytesLeft * 1000) / sync.rateBytesPerSecond) : undefined;
+    // The rate counts what was read: holes skipped in no time would make a sparse volume's sync show many GB/s.
+    sync.rateBytesPerSecond = elapsedMs > 0 ? Math.round((sync.bytesRead * 1000) / elapsedMs) : 0;
+    sync.etaMs = elapsedMs > 0 && sync.bytesDone > 0 ? Math.round((sync.bytesLeft * elapsedMs) / sync.bytesDone) : undefined;
   }
 
   /** Holds write completions for at most `timeoutMs`, puts a checkpoint marker in the stream, and returns its id. */
@@ -930,7 +1020,7 @@ export class SourceGroup {
 
   rpoMs(): number {
     const queued = this.queue.stats().oldestUnacknowledgedTimeMs;
-    const oldest = Math.min(queued ?? Infinity, this.resyncOldestTimeMs ?? Infinity);
+    const oldest = Math.min(queued ?? Infinity, this.resyncOldestTimeMs ?? Infinity, this.lossOldestTimeMs ?? Infinity);
     return oldest === Infinity ? 0 : Math.max(0, this.options.scheduler.nowMs() - oldest);
   }
 
@@ -976,6 +1066,7 @@ export class SourceGroup {
       rateLimitBytesPerSecond: this.rateLimit.rateBytesPerSecond,
       quiesced: this.releaseQuiesce !== undefined,
       volumes: this.options.volumes.map((volume) => ({ id: volume.id, name: volume.name, sizeBytes: volume.file.sizeBytes })),
+      alerts: this.targetLoss ? [{ condition: 'target-lost-acknowledged', severity: 'error', message: this.targetLoss.message, sinceMs: this.targetLoss.sinceMs }] : [],
     };
   }
 

@@ -10,7 +10,8 @@
  * as diverged. The mapping is persisted before the WELCOME that depends on it.
  */
 import * as path from 'node:path';
-import { Journal, type AppendRecord, type CheckpointInfo, type JournalStatus } from '../journal/journal.js';
+import { describeLossPlace, Journal, type AppendRecord, type CheckpointInfo, type JournalStatus } from '../journal/journal.js';
+import type { JournalLoss } from '../journal/metadata.js';
 import { RecoveryPointUnavailableError } from '../journal/errors.js';
 import type { JournalFileSystem } from '../journal/file-system.js';
 import { JournalPool } from '../journal/pool.js';
@@ -60,6 +61,17 @@ export interface SyncWindow {
   endLsn?: number;
   endTimeMs?: number;
   endId?: string;
+  /**
+   * The journal lost records of this source it had acknowledged (damage found on open, or the
+   * source reported the loss): only a delta or initial sync that begins inside the window ends it
+   * (`deltaBegun`), since the regions the lost records wrote are known nowhere.
+   */
+  deltaSyncNeeded?: boolean;
+  deltaBegun?: boolean;
+  /** The journal losses (`JournalLoss.id`) this window stands for; healed when it ends. */
+  lossIds?: string[];
+  /** Why the window was opened by a loss, for the alert. */
+  lossReason?: string;
 }
 
 export interface GroupState {
@@ -87,7 +99,17 @@ export interface TargetGroupStatus {
   timeMsNewestDurable: number | undefined;
   /** Syncs whose points are not consistent (running ones, and ended ones the journal still holds points of). */
   syncWindows: SyncWindow[];
+  /** The group's active alerts: the journal's, and a loss of acknowledged records until its streams heal. */
+  alerts: TargetGroupAlert[];
+  /** What the journal had to cut on open (damage and torn tails with checkpoints past them). */
+  losses: readonly JournalLoss[];
   journal: JournalStatus;
+}
+
+export interface TargetGroupAlert {
+  condition: string;
+  severity: 'warning' | 'error';
+  message: string;
 }
 
 export class TargetGroup {
@@ -145,9 +167,19 @@ export class TargetGroup {
         sizeLimitBytes: config.journal.sizeLimitBytes,
         sizeWarningBytes: config.journal.sizeWarningBytes,
       });
-      if (journal.openReport.cut) options.logger.warn('journal tail cut on open', { group: config.group, ...journal.openReport.cut });
+      const damage = journal.openReport.damage;
+      if (damage) {
+        options.logger.error('journal damage found on open: acknowledged records were lost; the sources resend what differs by a delta sync', {
+          group: config.group,
+          lsnFirst: damage.lsnFirst,
+          lsnLast: damage.lsnLast,
+          where: describeLossPlace(damage),
+          checkpointsLost: damage.checkpoints.map((checkpoint) => checkpoint.id),
+        });
+      } else if (journal.openReport.cut) options.logger.warn('journal tail cut on open', { group: config.group, ...journal.openReport.cut });
       const group = new TargetGroup(options, journal, state, replicas);
       await group.reconcileSyncWindows();
+      await group.openLossWindows();
       return group;
     } catch (error) {
       for (const store of opened) await store.close().catch(() => {});
@@ -200,6 +232,22 @@ export class TargetGroup {
     if (record && JSON.stringify(record.volumes) !== JSON.stringify(volumes)) {
       return { refuse: { code: 'volumes-differ', message: `the volumes of epoch ${hello.epoch} changed within the session` } };
     }
+    const epochIsNew = !record;
+    // Once, when the epoch that follows the loss begins (a reconnect of it must not widen the window
+    // again), and before the epoch is recorded (a crash in between leaves the window, never the epoch alone).
+    if (hello.lossReported && epochIsNew) {
+      const reported = hello.lossReported;
+      const lost = this.state.streams.find((candidate) => candidate.appliance === hello.appliance && candidate.epoch === reported.epoch);
+      const lostStream = lost?.stream;
+      const kept = lostStream === undefined ? 0 : (this.journal.status().streams.find((entry) => entry.stream === lostStream)?.sequenceLast ?? 0) + lost!.sequenceBase;
+      if (kept < reported.sequenceAcknowledged) {
+        // The source was told more was durable than this journal holds: no point past what is kept is an image of it until its delta sync ends.
+        const timeMsFrom = lostStream === undefined ? 0 : this.timeMsDurable.get(lostStream) ?? this.journal.status().oldestRecoverableMs;
+        const reason = `the target acknowledged sequence ${reported.sequenceAcknowledged} of epoch ${reported.epoch} of '${hello.appliance}' but holds ${kept}`;
+        await this.updateState((state) => withLossWindow(state, hello.appliance, { lsnKept: this.journal.lsnDurable, timeMsFrom, reason, lossId: undefined }));
+        this.options.logger.error('a source reports entries this target acknowledged and no longer holds; its delta sync heals them', { group: this.name, source: hello.appliance, epoch: reported.epoch, sequenceAcknowledged: reported.sequenceAcknowledged, sequenceHeld: kept });
+      }
+    }
     if (!record) {
       const streamIdLast = this.state.streams.reduce((max, candidate) => Math.max(max, candidate.stream), 0);
       if (streamIdLast >= journalStreamIdMax) return { refuse: { code: 'busy', message: `group '${this.name}' has used all ${journalStreamIdMax} stream ids` } };
@@ -220,7 +268,7 @@ export class TargetGroup {
     return {
       stream: {
         sequenceDurable,
-        ...(window ? { syncWindowOpen: { sync: window.sync, beginTimeMs: window.beginTimeMs } } : {}),
+        ...(window ? { syncWindowOpen: { sync: window.sync, beginTimeMs: window.beginTimeMs, ...(window.deltaSyncNeeded && !window.deltaBegun ? { deltaSyncNeeded: true } : {}) } } : {}),
         append: (entries) => group.append(streamRecord, entries),
         sums: (volume, offset, lengthBytes, blockBytes) => sums.sums(volume, offset, lengthBytes, blockBytes),
         release: () => {
@@ -262,7 +310,10 @@ export class TargetGroup {
       });
     });
     // Durable in the group's state before the batch is acknowledged (and rebuilt from the journal at open).
-    if (syncMarkers.length > 0) await this.updateState((state) => withSyncMarkers(state, record.appliance, syncMarkers));
+    if (syncMarkers.length > 0) {
+      await this.updateState((state) => withSyncMarkers(state, record.appliance, syncMarkers));
+      if (syncMarkers.some((marker) => marker.kind === 'sync-end')) await this.healEndedLosses();
+    }
     const last = entries[entries.length - 1];
     if (last) this.timeMsDurable.set(record.stream, last.timeMs);
   }
@@ -321,6 +372,43 @@ export class TargetGroup {
 
   private windowAt(appliance: string, inside: (window: SyncWindow) => boolean): SyncWindow | undefined {
     return (this.state.syncWindows ?? []).find((window) => window.appliance === appliance && inside(window));
+  }
+
+  /**
+   * Opens (or widens) a window for every source a damage loss of the journal may have touched, so
+   * that no point past the loss is served until that source's delta sync ends, and the WELCOME
+   * asks the source for that delta sync. Runs at open, after the windows are rebuilt.
+   */
+  private async openLossWindows(): Promise<void> {
+    for (const loss of this.journal.losses()) {
+      if (loss.kind !== 'damage' || loss.healedTimeMs !== undefined) continue;
+      const appliances = new Set<string>();
+      const streams = new Set(loss.streams.map((entry) => entry.stream));
+      for (const record of this.state.streams) if (loss.streamsUnknown || streams.has(record.stream)) appliances.add(record.appliance);
+      if (loss.streamsUnknown || appliances.size === 0) for (const source of this.config.sources) appliances.add(source);
+      const reason = `journal records ${loss.lsnFirst}..${loss.lsnLast} were lost: ${describeLossPlace(loss)}`;
+      await this.updateState((state) => {
+        let next = state;
+        for (const appliance of appliances) {
+          if ((next.syncWindows ?? []).some((window) => window.appliance === appliance && window.lossIds?.includes(loss.id))) continue;
+          next = withLossWindow(next, appliance, { lsnKept: loss.lsnFirst - 1, timeMsFrom: loss.timeMsFrom, reason, lossId: loss.id });
+        }
+        return next;
+      });
+    }
+    await this.healEndedLosses();
+  }
+
+  /** A loss whose every window has ended is healed in the journal from the latest end on. */
+  private async healEndedLosses(): Promise<void> {
+    const windows = this.state.syncWindows ?? [];
+    for (const loss of this.journal.losses()) {
+      if (loss.healedTimeMs !== undefined) continue;
+      const mine = windows.filter((window) => window.lossIds?.includes(loss.id));
+      if (mine.length === 0 || mine.some((window) => window.endLsn === undefined)) continue;
+      await this.journal.lossHealed(loss.id, Math.max(...mine.map((window) => window.endTimeMs ?? 0)));
+      this.options.logger.info('journal loss healed: the sources resent what differed', { group: this.name, loss: loss.id });
+    }
   }
 
   /** Rebuilds windows from the sync markers the journal holds (a crash may have come between the append and the state write), and drops windows the journal has promoted past. */
@@ -403,7 +491,16 @@ export class TargetGroup {
     });
     const times = streams.filter((stream) => stream.current).map((stream) => stream.timeMsDurable);
     const timeMsNewestDurable = times.length > 0 && times.every((time) => time !== undefined) ? Math.min(...(times as number[])) : undefined;
-    return { group: this.name, role: 'target', streams, timeMsNewestDurable, syncWindows: this.state.syncWindows ?? [], journal };
+    const alerts: TargetGroupAlert[] = journal.alerts.map((alert) => ({ condition: alert.condition, severity: alert.condition === 'history-error' ? 'error' : 'warning', message: alert.message }));
+    for (const window of this.state.syncWindows ?? []) {
+      if (!window.deltaSyncNeeded || window.endLsn !== undefined) continue;
+      alerts.push({
+        condition: 'acknowledged-records-lost',
+        severity: 'error',
+        message: `Group '${this.name}' lost records of '${window.appliance}' that it had acknowledged (${window.lossReason ?? 'reason not recorded'}): no point from ${new Date(window.beginTimeMs).toISOString()} on is recoverable until the ${window.deltaBegun ? 'delta sync now running' : 'delta sync the source runs on reconnecting'} ends`,
+      });
+    }
+    return { group: this.name, role: 'target', streams, timeMsNewestDurable, syncWindows: this.state.syncWindows ?? [], alerts, losses: this.journal.losses(), journal };
   }
 
   replica(volume: number): BackingStore | undefined {
@@ -520,16 +617,43 @@ export function withSyncMarkers(state: GroupState, appliance: string, markers: r
     const open = windows.find((window) => window.appliance === appliance && window.endLsn === undefined);
     if (marker.kind === 'sync-begin') {
       if (open) {
-        windows = windows.map((window) => (window === open ? { ...window, beginIds: [...window.beginIds, marker.id] } : window));
+        // A sync that compares or ships every block heals what a loss of acknowledged records left behind.
+        const heals = open.deltaSyncNeeded === true && (marker.name === 'delta-sync' || marker.name === 'initial-sync');
+        windows = windows.map((window) => (window === open ? { ...window, beginIds: [...window.beginIds, marker.id], ...(heals ? { deltaBegun: true } : {}) } : window));
       } else {
         const initial = marker.name === 'initial-sync';
         windows = [...windows, { appliance, sync: marker.name ?? 'sync', beginLsn: initial ? 0 : marker.lsn, beginTimeMs: initial ? 0 : marker.timeMs, beginIds: [marker.id] }];
       }
-    } else if (open) {
+    } else if (open && (!open.deltaSyncNeeded || open.deltaBegun)) {
       windows = windows.map((window) => (window === open ? { ...window, endLsn: marker.lsn, endTimeMs: marker.timeMs, endId: marker.id } : window));
     }
   }
   return windows === before ? state : { ...state, syncWindows: windows };
+}
+
+/**
+ * The state with a window of `appliance` that only a delta sync beginning after now ends: a new
+ * one from the loss, or the open one widened back to it (a sync under way may have begun before
+ * the loss, so it no longer counts as the heal).
+ */
+export function withLossWindow(state: GroupState, appliance: string, loss: { lsnKept: number; timeMsFrom: number; reason: string; lossId: string | undefined }): GroupState {
+  const windows = state.syncWindows ?? [];
+  const open = windows.find((window) => window.appliance === appliance && window.endLsn === undefined);
+  const lossIds = loss.lossId === undefined ? [] : [loss.lossId];
+  if (open) {
+    const widened: SyncWindow = {
+      ...open,
+      beginLsn: Math.min(open.beginLsn, loss.lsnKept),
+      beginTimeMs: Math.min(open.beginTimeMs, loss.timeMsFrom),
+      deltaSyncNeeded: true,
+      deltaBegun: false,
+      lossIds: [...(open.lossIds ?? []), ...lossIds],
+      lossReason: loss.reason,
+    };
+    return { ...state, syncWindows: windows.map((window) => (window === open ? widened : window)) };
+  }
+  const created: SyncWindow = { appliance, sync: 'loss-heal', beginLsn: loss.lsnKept, beginTimeMs: loss.timeMsFrom, beginIds: [], deltaSyncNeeded: true, deltaBegun: false, lossIds, lossReason: loss.reason };
+  return { ...state, syncWindows: [...windows, created] };
 }
 
 function describeWindow(window: SyncWindow): string {

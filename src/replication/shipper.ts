@@ -34,6 +34,7 @@ import {
   protocolVersion,
   type Frame,
   type Hello,
+  type LossReported,
   type Welcome,
   type Refuse,
   type StreamEntry,
@@ -94,6 +95,12 @@ export interface ShipperOptions {
   onAcknowledged?(sequence: number, timeMsDurable: number): void;
   /** A session began: the target's WELCOME (after its sequence was checked and acknowledged). */
   onWelcome?(welcome: Welcome): void;
+  /**
+   * The target's WELCOME holds less than it acknowledged before (journal damage, a restored unit, a
+   * replaced datastore). The session ends; the caller heals the stream (a new epoch and a delta
+   * sync). Without it the session ends and is retried, as before.
+   */
+  onTargetLost?(loss: LossReported & { target: string }): void;
 }
 
 export interface ShipperStats {
@@ -348,7 +355,9 @@ export class Shipper {
       throw new SessionEnded(`the target holds sequence ${welcome.sequenceDurable} of epoch ${welcome.epoch} but this source has only produced ${sequenceLast}`);
     }
     if (welcome.sequenceDurable < this.sequenceAcknowledged) {
-      // The target acknowledged more before: it lost durable entries. The queue has dropped them, so refuse to guess.
+      // The target acknowledged more before: it lost durable entries. The queue has dropped them, so this
+      // epoch cannot go on; the owner heals the stream in a new one.
+      this.options.onTargetLost?.({ epoch: welcome.epoch, sequenceDurable: welcome.sequenceDurable, sequenceAcknowledged: this.sequenceAcknowledged, target: welcome.appliance });
       throw new SessionEnded(`the target now holds sequence ${welcome.sequenceDurable} but acknowledged ${this.sequenceAcknowledged} before`);
     }
     this.acknowledge(welcome.sequenceDurable, this.timeMsDurable);

@@ -197,6 +197,18 @@ export interface Hello {
    */
   sequenceBase: number;
   volumes: HelloVolume[];
+  /**
+   * The target lost entries of this source's previous epoch that it had acknowledged (its WELCOME
+   * said less than it acknowledged): the new epoch opens a sync window at the target from the
+   * newest point the target still holds, which the delta sync that follows closes.
+   */
+  lossReported?: LossReported;
+}
+
+export interface LossReported {
+  epoch: string;
+  sequenceDurable: number;
+  sequenceAcknowledged: number;
 }
 
 export interface Welcome {
@@ -219,6 +231,11 @@ export interface Welcome {
 export interface SyncWindowOpen {
   sync: string;
   beginTimeMs: number;
+  /**
+   * Only a delta sync closes the window: the target lost records it had acknowledged (journal
+   * damage), so regions the source believes shipped differ there.
+   */
+  deltaSyncNeeded?: boolean;
 }
 
 /** `cannot-store`: the target could not make a batch durable (journal full, failed, or the batch refused); sent before the link closes, so the source can say why. */
@@ -278,6 +295,17 @@ export function decodeHello(frame: Frame): Hello {
     epoch: field(object, 'epoch', isName, 'an epoch', 'hello'),
     sequenceBase: field(object, 'sequenceBase', isCount, 'a sequence', 'hello'),
     volumes,
+    ...(object['lossReported'] === undefined ? {} : { lossReported: decodeLossReported(object['lossReported']) }),
+  };
+}
+
+function decodeLossReported(value: unknown): LossReported {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new WireProtocolError("a hello frame's 'lossReported' is not an object");
+  const object = value as Record<string, unknown>;
+  return {
+    epoch: field(object, 'epoch', isName, 'an epoch', 'hello'),
+    sequenceDurable: field(object, 'sequenceDurable', isCount, 'a sequence', 'hello'),
+    sequenceAcknowledged: field(object, 'sequenceAcknowledged', isCount, 'a sequence', 'hello'),
   };
 }
 
@@ -295,7 +323,13 @@ export function decodeWelcome(frame: Frame): Welcome {
 function decodeSyncWindowOpen(value: unknown): SyncWindowOpen {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new WireProtocolError("a welcome frame's 'syncWindowOpen' is not an object");
   const object = value as Record<string, unknown>;
-  return { sync: field(object, 'sync', isName, 'a name', 'welcome'), beginTimeMs: field(object, 'beginTimeMs', isCount, 'a time', 'welcome') };
+  const deltaSyncNeeded = object['deltaSyncNeeded'];
+  if (deltaSyncNeeded !== undefined && typeof deltaSyncNeeded !== 'boolean') throw new WireProtocolError("a welcome frame's 'deltaSyncNeeded' is not a boolean");
+  return {
+    sync: field(object, 'sync', isName, 'a name', 'welcome'),
+    beginTimeMs: field(object, 'beginTimeMs', isCount, 'a time', 'welcome'),
+    ...(deltaSyncNeeded === true ? { deltaSyncNeeded: true } : {}),
+  };
 }
 
 export function decodeRefuse(frame: Frame): Refuse {
