@@ -566,7 +566,7 @@ test('a corrupted target journal never loses acknowledged writes silently, serve
   const healMax = Math.max(...results.map((result) => result.healMs));
   console.log(
     `# corruption matrix seed ${seed}: ${results.length} cases in ${Date.now() - startedMs} ms; by kind×place ${[...counts].map(([key, count]) => `${key} ${count}`).join(', ')}; ` +
-      `judged damage ${damage}, torn tail ${torn}, clean end at a unit's end ${results.length - damage - torn}; max heal ${healMax} ms; ` +
+      `judged damage ${damage}, torn tail ${torn}, clean end at a unit's end ${results.length - damage - torn}; max heal ${healMax} ms (damage ${Math.max(0, ...results.filter((result) => result.verdict === 'damage').map((result) => result.healMs))}, torn tail or unit end ${Math.max(0, ...results.filter((result) => result.verdict !== 'damage').map((result) => result.healMs))}); ` +
       `recoverable checkpoints checked ${results.reduce((sum, result) => sum + result.recoverableChecked, 0)}, lost markers checked ${results.reduce((sum, result) => sum + result.lostChecked, 0)} (of them no longer listed ${results.reduce((sum, result) => sum + result.vanished, 0)}); ` +
       `delta bytes matched ${results.reduce((sum, result) => sum + result.deltaBytesMatched, 0)}, shipped ${results.reduce((sum, result) => sum + result.deltaBytesShipped, 0)}`,
   );
