@@ -577,7 +577,7 @@ class SumsReader {
     if (current && current.volume === index && this.clock.nowMs() - current.openedMs < sumsViewAgeMsMax) return current.view;
     await this.drop();
     // The latest valid time: the view holds every durable record.
-    const view = await this.journal.openView({ volume: index, at: { timeMs: 8.64e15 }, scratchBytesMax: 0 });
+    const view = await this.journal.openView({ volume: index, at: { timeMs: 8.64e15 }, scratchBytesMax: 0, currentImage: true });
     this.current = { volume: index, view, openedMs: this.clock.nowMs() };
     return view;
   }

@@ -141,6 +141,11 @@ export interface OpenViewOptions {
   /** Bytes the view's scratch file may hold. */
   scratchBytesMax: number;
   name?: string;
+  /**
+   * The target's current image, loss or not (a delta sync's checksums compare it with the source to
+   * heal a loss): no refusal for a time inside an unhealed loss. Never for a recovery view.
+   */
+  currentImage?: boolean;
 }
 
 interface Unit extends PoolUnit {
@@ -1208,7 +1213,7 @@ export class Journal {
       if (this.meta.watermarkLsn > 0 && timeMs < oldest) {
         throw new RecoveryPointUnavailableError(what, `the oldest recoverable point is ${new Date(oldest).toISOString()}`);
       }
-      for (const loss of this.meta.losses ?? []) {
+      for (const loss of options.currentImage ? [] : this.meta.losses ?? []) {
         if (loss.kind !== 'damage' || timeMs < loss.timeMsFrom || (loss.healedTimeMs !== undefined && timeMs >= loss.healedTimeMs)) continue;
         const until = loss.healedTimeMs === undefined ? 'the streams heal' : new Date(loss.healedTimeMs).toISOString();
         throw new RecoveryPointUnavailableError(what, `journal records ${loss.lsnFirst}..${loss.lsnLast} were lost (${describeLossPlace(loss)}): no point from ${new Date(loss.timeMsFrom).toISOString()} until ${until} is an image of the source`);
