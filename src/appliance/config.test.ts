@@ -62,3 +62,42 @@ test('lifeline appliance --check validates a file and names the field at fault',
   assert.equal(missing.code, 2);
   assert.match(missing.stderr, /--config FILE is required/);
 });
+
+test('the limits: defaults when left out, and out-of-range values refused with the field', () => {
+  const source = parseApplianceConfig(example('appliance-site-a.json'), '/data/a');
+  assert.equal(source.control.requestsInFlightMax, 32);
+  assert.equal(source.nbd!.connectionsPerExportMax, 64);
+  const target = parseApplianceConfig(example('appliance-site-b.json'), '/data/b');
+  assert.deepEqual(
+    { viewsMax: target.receive!.viewsMax, viewsPerGroupMax: target.receive!.viewsPerGroupMax, viewsScratchBytesMax: target.receive!.viewsScratchBytesMax },
+    { viewsMax: 64, viewsPerGroupMax: 16, viewsScratchBytesMax: 64 * 1024 ** 3 },
+  );
+  const set = example('appliance-site-b.json') as Record<string, any>;
+  set['control'].requestsInFlightMax = 8;
+  set['nbd'].connectionsPerExportMax = 4;
+  Object.assign(set['receive'], { viewsMax: 10, viewsPerGroupMax: 3, viewsScratchBytesMax: '100GiB' });
+  const parsed = parseApplianceConfig(set, '/data/b');
+  assert.equal(parsed.control.requestsInFlightMax, 8);
+  assert.equal(parsed.nbd!.connectionsPerExportMax, 4);
+  assert.deepEqual([parsed.receive!.viewsMax, parsed.receive!.viewsPerGroupMax, parsed.receive!.viewsScratchBytesMax], [10, 3, 100 * 1024 ** 3]);
+  // A views-per-appliance limit under the default per group lowers the per-group default with it.
+  const few = example('appliance-site-b.json') as Record<string, any>;
+  few['receive'].viewsMax = 4;
+  assert.equal(parseApplianceConfig(few, '/data/b').receive!.viewsPerGroupMax, 4);
+
+  const cases: [string, (config: Record<string, any>) => void, RegExp][] = [
+    ['no control requests', (c) => (c['control'].requestsInFlightMax = 0), /^control\.requestsInFlightMax: expected a whole number from 1 to 1024, not 0/],
+    ['fractional', (c) => (c['control'].requestsInFlightMax = 2.5), /^control\.requestsInFlightMax: expected a whole number/],
+    ['connections past the server', (c) => (c['nbd'].connectionsPerExportMax = 513), /^nbd\.connectionsPerExportMax: expected a whole number from 1 to 512, not 513/],
+    ['connections as text', (c) => (c['nbd'].connectionsPerExportMax = '8'), /^nbd\.connectionsPerExportMax: expected a whole number from 1 to 512, not "8"/],
+    ['no views', (c) => (c['receive'].viewsMax = 0), /^receive\.viewsMax: expected a whole number from 1 to 4096/],
+    ['per group above all', (c) => Object.assign(c['receive'], { viewsMax: 8, viewsPerGroupMax: 9 }), /^receive\.viewsPerGroupMax: 9 views per group is above the 8 of the whole appliance \(receive\.viewsMax\)/],
+    ['bad scratch', (c) => (c['receive'].viewsScratchBytesMax = 'lots'), /^receive\.viewsScratchBytesMax: Cannot read size/],
+    ['unknown limit', (c) => (c['receive'].viewMax = 3), /^receive\.viewMax: unknown setting/],
+  ];
+  for (const [what, change, expected] of cases) {
+    const config = example('appliance-site-b.json') as Record<string, any>;
+    change(config);
+    assert.throws(() => parseApplianceConfig(config, '/data'), (error: unknown) => error instanceof ConfigError && expected.test(error.message), what);
+  }
+});

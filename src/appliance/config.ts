@@ -15,6 +15,7 @@ import * as path from 'node:path';
 import { parseSizeBytes } from '../util/size.js';
 import type { CodecName } from '../replication/codec.js';
 import { linkSilenceMsMax, pingIntervalMs } from '../replication/shipper.js';
+import { connectionsMax as nbdConnectionsMax, connectionsPerExportMaxDefault } from '../nbd/server.js';
 
 export interface Address {
   host: string;
@@ -73,15 +74,28 @@ export interface ReceiveGroupConfig {
   };
 }
 
+export interface ReceiveConfig {
+  listen: Address;
+  groups: ReceiveGroupConfig[];
+  /** Recovery views open at once on this appliance (over all groups). */
+  viewsMax: number;
+  /** Recovery views open at once of one group. */
+  viewsPerGroupMax: number;
+  /** The sum of the open views' `scratchBytesMax` (the scratch space each may fill with test writes). */
+  viewsScratchBytesMax: number;
+}
+
 export interface ApplianceConfig {
   appliance: { name: string; site: string };
-  control: { listen: Address };
+  /** `requestsInFlightMax`: control API requests handled at once; more are answered 429. */
+  control: { listen: Address; requestsInFlightMax: number };
   tls: { cert: string; key: string; trustedCas: string[] };
-  nbd?: { listen: Address };
+  /** `connectionsPerExportMax`: NBD connections one export (volume or view) serves at once. */
+  nbd?: { listen: Address; connectionsPerExportMax: number };
   rateLimitBytesPerSecond: number;
   volumes: VolumeConfig[];
   protect: ProtectConfig[];
-  receive?: { listen: Address; groups: ReceiveGroupConfig[] };
+  receive?: ReceiveConfig;
   /**
    * SHA-256 of the file's `volumes`, `protect` and `rateLimitBytesPerSecond` as written (set by
    * `parseApplianceConfig`): what changes made through the control API are made over. Taken before
@@ -97,6 +111,23 @@ export const unitBytesDefault = 256 * 1024 * 1024;
 /** A unit holds whole batches of half its size; stream entries are at most 1 MiB (source-group.ts). */
 export const unitBytesMin = 4 * 1024 * 1024;
 export const datastoreFreeBytesMinDefault = 1024 * 1024 * 1024;
+/** Control API requests handled at once by default (`control.requestsInFlightMax`). */
+export const controlRequestsInFlightMaxDefault = 32;
+/** The most `control.requestsInFlightMax` may be. */
+export const controlRequestsInFlightMaxLimit = 1024;
+/** NBD connections per export by default (`nbd.connectionsPerExportMax`); at most the server's `connectionsMax`. */
+export const nbdConnectionsPerExportMaxDefault = connectionsPerExportMaxDefault;
+/** Recovery views open at once on the appliance (`receive.viewsMax`) and of one group (`receive.viewsPerGroupMax`), by default. */
+export const viewsMaxDefault = 64;
+export const viewsPerGroupMaxDefault = 16;
+/** The most `receive.viewsMax` may be. */
+export const viewsMaxLimit = 4096;
+/**
+ * Scratch space reserved by all open views together by default (`receive.viewsScratchBytesMax`):
+ * 64 views at the default 1 GiB each. A view's scratch is a sparse file beside the journal's
+ * metadata that grows with the test writes made to the view, up to the view's `scratchBytesMax`.
+ */
+export const viewsScratchBytesMaxDefault = 64 * 1024 * 1024 * 1024;
 
 export class ConfigError extends Error {
   constructor(readonly field: string, message: string) {
@@ -173,6 +204,14 @@ class Reader {
     } else throw new ConfigError(field, 'expected a duration (milliseconds, or a string such as "30s")');
     if (!Number.isSafeInteger(ms) || ms < minimum) throw new ConfigError(field, `expected a duration of at least ${minimum} ms`);
     return ms;
+  }
+
+  /** A whole number from `minimum` to `maximum`. */
+  count(value: unknown, field: string, minimum: number, maximum: number): number {
+    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < minimum || value > maximum) {
+      throw new ConfigError(field, `expected a whole number from ${minimum} to ${maximum}, not ${JSON.stringify(value)}`);
+    }
+    return value;
   }
 
   codec(value: unknown, field: string): CodecName {
@@ -274,7 +313,7 @@ export function parseApplianceConfig(value: unknown, baseDirectory: string): App
   const read = new Reader(baseDirectory);
   const raw = read.object(value, 'config', ['appliance', 'control', 'tls', 'nbd', 'rateLimitBytesPerSecond', 'volumes', 'protect', 'receive', '$comment']);
   const appliance = read.object(raw['appliance'], 'appliance', ['name', 'site']);
-  const control = read.object(raw['control'] ?? {}, 'control', ['listen']);
+  const control = read.object(raw['control'] ?? {}, 'control', ['listen', 'requestsInFlightMax']);
   const tlsRaw = read.object(raw['tls'], 'tls', ['cert', 'key', 'trustedCas']);
   const volumes = read.list(raw['volumes'] ?? [], 'volumes').map((entry, index) => {
     const at = `volumes[${index}]`;
@@ -289,7 +328,10 @@ export function parseApplianceConfig(value: unknown, baseDirectory: string): App
   checkProtectVolumes(protect, volumes);
   const config: ApplianceConfig = {
     appliance: { name: read.name(appliance['name'], 'appliance.name'), site: read.name(appliance['site'], 'appliance.site') },
-    control: { listen: read.address(control['listen'] ?? '127.0.0.1:0', 'control.listen') },
+    control: {
+      listen: read.address(control['listen'] ?? '127.0.0.1:0', 'control.listen'),
+      requestsInFlightMax: control['requestsInFlightMax'] === undefined ? controlRequestsInFlightMaxDefault : read.count(control['requestsInFlightMax'], 'control.requestsInFlightMax', 1, controlRequestsInFlightMaxLimit),
+    },
     tls: {
       cert: read.path(tlsRaw['cert'], 'tls.cert'),
       key: read.path(tlsRaw['key'], 'tls.key'),
@@ -302,16 +344,23 @@ export function parseApplianceConfig(value: unknown, baseDirectory: string): App
   };
   if (config.tls.trustedCas.length === 0) throw new ConfigError('tls.trustedCas', 'name at least one CA that peer certificates must chain to');
   if (raw['nbd'] !== undefined) {
-    const nbd = read.object(raw['nbd'], 'nbd', ['listen']);
-    config.nbd = { listen: read.address(nbd['listen'], 'nbd.listen') };
+    const nbd = read.object(raw['nbd'], 'nbd', ['listen', 'connectionsPerExportMax']);
+    config.nbd = {
+      listen: read.address(nbd['listen'], 'nbd.listen'),
+      connectionsPerExportMax: nbd['connectionsPerExportMax'] === undefined ? nbdConnectionsPerExportMaxDefault : read.count(nbd['connectionsPerExportMax'], 'nbd.connectionsPerExportMax', 1, nbdConnectionsMax),
+    };
   } else if (volumes.length > 0) {
     throw new ConfigError('nbd.listen', 'an appliance that serves volumes needs an NBD address');
   }
   if (raw['receive'] !== undefined) {
-    const receive = read.object(raw['receive'], 'receive', ['listen', 'groups']);
+    const receive = read.object(raw['receive'], 'receive', ['listen', 'groups', 'viewsMax', 'viewsPerGroupMax', 'viewsScratchBytesMax']);
     const groups = read.list(receive['groups'], 'receive.groups').map((entry, index) => parseReceiveGroup(entry, `receive.groups[${index}]`, read));
     unique(groups.map((group) => group.group), 'receive.groups', 'group');
-    config.receive = { listen: read.address(receive['listen'], 'receive.listen'), groups };
+    const viewsMax = receive['viewsMax'] === undefined ? viewsMaxDefault : read.count(receive['viewsMax'], 'receive.viewsMax', 1, viewsMaxLimit);
+    const viewsPerGroupMax = receive['viewsPerGroupMax'] === undefined ? Math.min(viewsPerGroupMaxDefault, viewsMax) : read.count(receive['viewsPerGroupMax'], 'receive.viewsPerGroupMax', 1, viewsMaxLimit);
+    if (viewsPerGroupMax > viewsMax) throw new ConfigError('receive.viewsPerGroupMax', `${viewsPerGroupMax} views per group is above the ${viewsMax} of the whole appliance (receive.viewsMax), so it could never be reached`);
+    const viewsScratchBytesMax = receive['viewsScratchBytesMax'] === undefined ? viewsScratchBytesMaxDefault : read.size(receive['viewsScratchBytesMax'], 'receive.viewsScratchBytesMax');
+    config.receive = { listen: read.address(receive['listen'], 'receive.listen'), groups, viewsMax, viewsPerGroupMax, viewsScratchBytesMax };
   }
   return config;
 }

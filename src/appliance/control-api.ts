@@ -25,7 +25,7 @@
 import * as http from 'node:http';
 import type { Logger } from '../util/logger.js';
 import { formatAddress } from '../util/address.js';
-import { ControlChangeNotRecorded, ProtectionChangeRefused, stopDrainMsMax, type Appliance } from './appliance.js';
+import { ControlChangeNotRecorded, LimitReached, ProtectionChangeRefused, stopDrainMsMax, type Appliance } from './appliance.js';
 import { ConfigError, parseProtectConfig } from './config.js';
 import type { ViewPoint } from '../journal/journal.js';
 
@@ -37,6 +37,22 @@ export const viewScratchBytesDefault = 1024 * 1024 * 1024;
 export const removeDrainMsMax = 600_000;
 /** Largest request body the API reads. */
 export const requestBodyBytesMax = 64 * 1024;
+/** Checkpoint kinds a caller may ask for; the others ('sync-begin', 'sync-end', 'protection-end') are the appliance's own. */
+export const checkpointKindsAllowed: readonly string[] = ['tagged', 'automatic'];
+/**
+ * How far ahead of this appliance's clock a view's `timeMs` may be: the source stamps writes with
+ * its own clock, which may run a little ahead of the target's. A time further ahead has not
+ * happened yet, and a view there would change as writes arrive.
+ */
+export const viewTimeAheadMsMax = 5_000;
+/** What a refused request may wait before it tries again (the Retry-After of a 429). */
+export const retryAfterSeconds = 1;
+/**
+ * Longest a client may take to send a whole request (headers and body): a request counts against
+ * `control.requestsInFlightMax` from its headers on, so one that sends its body slowly, or never,
+ * holds its place for at most this long. Answering may take longer (a removal's drain).
+ */
+export const requestReceiveMsMax = 30_000;
 
 class ApiError extends Error {
   constructor(readonly status: number, readonly code: string, message: string) {
@@ -53,11 +69,14 @@ async function readBody(request: http.IncomingMessage): Promise<unknown> {
     chunks.push(chunk as Buffer);
   }
   if (bytes === 0) return {};
+  let parsed: unknown;
   try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
   } catch {
     throw new ApiError(400, 'bad-json', 'The request body is not valid JSON');
   }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new ApiError(400, 'bad-request', 'The request body must be a JSON object');
+  return parsed;
 }
 
 function numberField(body: unknown, name: string, minimum: number, maximum = Number.MAX_SAFE_INTEGER): number {
@@ -68,11 +87,29 @@ function numberField(body: unknown, name: string, minimum: number, maximum = Num
   return value;
 }
 
+/** Decodes a percent-encoded path segment; a malformed escape is a 400. */
+function decodeSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new ApiError(400, 'bad-path', `The path segment '${segment.slice(0, 256)}' holds a malformed percent escape`);
+  }
+}
+
 export class ControlApi {
   private readonly server: http.Server;
+  /** Requests being handled (routed, answered); at most `requestsInFlightMax`. */
+  private inFlight = 0;
+  private readonly requestsInFlightMax: number;
 
   constructor(private readonly appliance: Appliance, private readonly logger: Logger) {
-    this.server = http.createServer((request, response) => void this.handle(request, response));
+    this.requestsInFlightMax = appliance.config.control.requestsInFlightMax;
+    this.server = http.createServer({ requestTimeout: requestReceiveMsMax }, (request, response) => void this.handle(request, response));
+  }
+
+  /** Requests being handled now. */
+  get requestsInFlight(): number {
+    return this.inFlight;
   }
 
   listen(address: { host: string; port: number }): Promise<string> {
@@ -93,12 +130,28 @@ export class ControlApi {
   }
 
   private async handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
+    if (this.inFlight >= this.requestsInFlightMax) {
+      // Refused before its body is read; the connection closes, so an unread body is not parsed as a next request.
+      const text = JSON.stringify({
+        error: {
+          code: 'limit-reached',
+          message: `Appliance '${this.appliance.config.appliance.name}' is handling ${this.inFlight} of its ${this.requestsInFlightMax} control requests at once (control.requestsInFlightMax); try again in a moment`,
+        },
+      }, null, 2) + '\n';
+      response.writeHead(429, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'retry-after': String(retryAfterSeconds), connection: 'close' });
+      response.end(text);
+      return;
+    }
+    this.inFlight++;
     let status = 200;
     let body: unknown;
     try {
       body = await this.route(request);
     } catch (error) {
-      if (error instanceof ApiError) {
+      if (error instanceof LimitReached) {
+        status = 409;
+        body = { error: { code: 'limit-reached', message: error.message } };
+      } else if (error instanceof ApiError) {
         status = error.status;
         body = { error: { code: error.code, message: error.message } };
       } else if (error instanceof ConfigError) {
@@ -114,6 +167,8 @@ export class ControlApi {
         this.logger.error('control API request failed', { method: request.method, url: request.url, error: (error as Error).message });
       }
     }
+    // Counted out before the answer leaves: a caller that has its answer finds the place free.
+    this.inFlight--;
     const text = JSON.stringify(body, null, 2) + '\n';
     response.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
     response.end(text);
@@ -121,7 +176,7 @@ export class ControlApi {
 
   private async route(request: http.IncomingMessage): Promise<unknown> {
     const url = new URL(request.url ?? '/', 'http://appliance');
-    const parts = url.pathname.split('/').filter(Boolean);
+    const parts = url.pathname.split('/').filter(Boolean).map(decodeSegment);
     const method = request.method ?? 'GET';
     const appliance = this.appliance;
     if (parts[0] !== 'v1') throw new ApiError(404, 'not-found', `No route ${method} ${url.pathname} (routes start with /v1/)`);
@@ -132,6 +187,10 @@ export class ControlApi {
     const needSource = () => {
       if (!source) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' protects no group '${groupName}' as a source`);
       return source;
+    };
+    const needTarget = () => {
+      if (!target) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' receives no group '${groupName}'`);
+      return target;
     };
     switch (route) {
       case 'GET /status':
@@ -207,7 +266,9 @@ export class ControlApi {
         const body = (await readBody(request)) as Record<string, unknown>;
         const kind = body['kind'] ?? 'tagged';
         const name = body['name'];
-        if (typeof kind !== 'string' || !/^[a-z][a-z0-9-]{0,31}$/.test(kind) || kind.startsWith('sync-')) throw new ApiError(400, 'bad-request', `'kind' must be a lower-case word (not sync-*)`);
+        if (typeof kind !== 'string' || !checkpointKindsAllowed.includes(kind)) {
+          throw new ApiError(400, 'bad-request', `'kind' must be one of ${checkpointKindsAllowed.map((allowed) => `'${allowed}'`).join(', ')}, not ${JSON.stringify(kind)}`);
+        }
         if (name !== undefined && (typeof name !== 'string' || name.length === 0 || name.length > 256)) throw new ApiError(400, 'bad-request', `'name' must be a string of 1 to 256 characters`);
         try {
           return { group: group.name, ...group.checkpoint(kind, name as string | undefined) };
@@ -216,32 +277,63 @@ export class ControlApi {
           throw new ApiError(409, 'cannot-checkpoint', (error as Error).message);
         }
       }
-      case 'GET /groups/:group/checkpoints': {
-        if (!target) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' receives no group '${groupName}'`);
-        return { group: target.name, checkpoints: target.checkpoints() };
-      }
+      case 'GET /groups/:group/checkpoints':
+        return { group: needTarget().name, checkpoints: needTarget().checkpoints() };
       case 'POST /groups/:group/views': {
-        if (!target) throw new ApiError(404, 'unknown-group', `Appliance '${appliance.config.appliance.name}' receives no group '${groupName}'`);
+        const group = needTarget();
         const body = (await readBody(request)) as Record<string, unknown>;
+        const known = ['volume', 'checkpoint', 'timeMs', 'latest', 'scratchBytesMax'];
+        const unknown = Object.keys(body).filter((key) => !known.includes(key));
+        if (unknown.length > 0) throw new ApiError(400, 'bad-request', `Unknown field ${unknown.map((key) => `'${key.slice(0, 64)}'`).join(', ')} (known: ${known.join(', ')})`);
         const volume = body['volume'];
         if (typeof volume !== 'string') throw new ApiError(400, 'bad-request', `'volume' must name a volume of the group`);
+        const points = (['checkpoint', 'timeMs', 'latest'] as const).filter((key) => body[key] !== undefined);
+        if (points.length !== 1) {
+          throw new ApiError(400, 'bad-request', `Give exactly one of 'checkpoint' (an id), 'timeMs' or 'latest': true, not ${points.length === 0 ? 'none' : points.map((key) => `'${key}'`).join(' and ')}`);
+        }
         let at: ViewPoint;
-        if (typeof body['checkpoint'] === 'string') at = { checkpoint: body['checkpoint'] };
-        else if (body['timeMs'] !== undefined) at = { timeMs: numberField(body, 'timeMs', 0) };
-        else if (body['latest'] === true) at = { timeMs: latestTimeMs };
-        else throw new ApiError(400, 'bad-request', `give 'checkpoint' (an id), 'timeMs', or 'latest': true`);
-        const scratchBytesMax = body['scratchBytesMax'] === undefined ? viewScratchBytesDefault : numberField(body, 'scratchBytesMax', 0);
+        if (points[0] === 'checkpoint') {
+          if (typeof body['checkpoint'] !== 'string' || body['checkpoint'].length === 0) throw new ApiError(400, 'bad-request', `'checkpoint' must be a checkpoint id (a string)`);
+          at = { checkpoint: body['checkpoint'] };
+        } else if (points[0] === 'timeMs') {
+          const timeMs = numberField(body, 'timeMs', 0);
+          const nowMs = Date.now();
+          if (timeMs > nowMs + viewTimeAheadMsMax) {
+            throw new ApiError(
+              400,
+              'bad-request',
+              `'timeMs' ${timeMs} (${new Date(timeMs).toISOString()}) is ${timeMs - nowMs} ms ahead of this appliance's clock (${new Date(nowMs).toISOString()}; at most ${viewTimeAheadMsMax} ms of clock skew is allowed): a view shows a point that has happened; for the newest one give 'latest': true`,
+            );
+          }
+          at = { timeMs };
+        } else {
+          if (body['latest'] !== true) throw new ApiError(400, 'bad-request', `'latest' must be true (or left out)`);
+          at = { timeMs: latestTimeMs };
+        }
+        const scratchTotalMax = appliance.config.receive!.viewsScratchBytesMax;
+        const scratchBytesMax = body['scratchBytesMax'] === undefined ? Math.min(viewScratchBytesDefault, scratchTotalMax) : numberField(body, 'scratchBytesMax', 0);
+        if (scratchBytesMax > scratchTotalMax) {
+          throw new ApiError(400, 'bad-request', `'scratchBytesMax' ${scratchBytesMax} is above the ${scratchTotalMax} bytes all views of this appliance may reserve together (receive.viewsScratchBytesMax)`);
+        }
         try {
-          return await appliance.openView({ group: target.name, volume, at, scratchBytesMax });
+          return await appliance.openView({ group: group.name, volume, at, scratchBytesMax });
         } catch (error) {
+          if (error instanceof LimitReached) throw error;
           throw new ApiError(409, 'cannot-open-view', (error as Error).message);
         }
       }
       case 'GET /groups/:group/views':
-        return { group: groupName, views: appliance.listViews(groupName ?? '') };
-      case 'DELETE /groups/:group/views/:name':
-        if (!(await appliance.closeView(parts[4] ?? ''))) throw new ApiError(404, 'unknown-view', `No open view '${parts[4]}'`);
-        return { closed: parts[4] };
+        return { group: needTarget().name, views: appliance.listViews(groupName!) };
+      case 'DELETE /groups/:group/views/:name': {
+        const group = needTarget();
+        const name = parts[4]!;
+        const owner = appliance.viewGroup(name);
+        if (owner !== group.name) {
+          throw new ApiError(404, 'unknown-view', owner === undefined ? `Group '${group.name}' has no open view '${name}'` : `Group '${group.name}' has no open view '${name}' (it is a view of group '${owner}')`);
+        }
+        if (!(await appliance.closeView(name))) throw new ApiError(404, 'unknown-view', `Group '${group.name}' has no open view '${name}' (it was closed meanwhile)`);
+        return { closed: name };
+      }
       default:
         throw new ApiError(404, 'not-found', `No route ${method} ${url.pathname}`);
     }

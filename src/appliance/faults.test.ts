@@ -459,7 +459,7 @@ test('a graceful restart of the source under slow closes, then SIGKILL during wr
     rig.proxy.heal();
     const status = await drained(rig, 'after the restart');
     assert.equal(status.sync.state, 'in-sync');
-    assert.match(status.sync.reason ?? '', /dirty-region log/, `the restart resynced the dirty-region log's regions: ${JSON.stringify(status.sync)}`);
+    assert.match(status.sync.last?.reason ?? '', /dirty-region log/, `the restart resynced the dirty-region log's regions: ${JSON.stringify(status.sync)}`);
     assert.ok(status.sync.bytesTotal > 0);
     const logged = rig.source.logs();
     assert.match(logged, /"message":"sync started".*"state":"resync"/, 'the resync started');
@@ -494,7 +494,7 @@ test('SIGKILL of the source after its initial sync was read but before the targe
     const status = await drained(rig, 'after the restart', 60_000);
     assert.notEqual(status.sync.state, 'resync', 'the restart did not settle for a partial resync');
     const replicaMs = await replicaEqualsSource(rig, 'after the restart');
-    console.log(`# restart sync: ${status.sync.reason} (${status.sync.bytesTotal} bytes); replica equal ${replicaMs}ms later`);
+    console.log(`# restart sync: ${status.sync.last?.reason} (${status.sync.bytesTotal} bytes); replica equal ${replicaMs}ms later`);
     assert.deepEqual(errorsLogged(rig.target), [], 'target logged errors');
     assert.deepEqual(errorsLogged(rig.source), [], 'source logged errors');
   });
@@ -570,7 +570,7 @@ test('queue overflow while the target is blackholed: bitmap mode, then a new ses
     const status = await drained(rig, 'after the overflow healed', 60_000);
     assert.notEqual(status.epoch, first.epoch, 'the overflow started a new session');
     assert.ok(status.queue.bitmapEpisodes >= 1);
-    assert.match(status.sync.reason ?? '', /discarded/, `the resync says why: ${JSON.stringify(status.sync)}`);
+    assert.match(status.sync.last?.reason ?? '', /discarded/, `the resync says why: ${JSON.stringify(status.sync)}`);
     assert.ok(status.rpoMs < status.rpoMsTarget);
     // The target lacks the discarded writes until the resync ends: its sync window opens with the new
     // session (whose epoch begins with the source's time in base 36), not when the resync starts later.

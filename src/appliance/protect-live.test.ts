@@ -177,7 +177,7 @@ test('a volume served without protection between two runs (the group dropped fro
   running.source = await startAppliance({ dataDir: running.sites.sourceDataDir, configPath: running.sites.sourceConfigPath });
   const status = await waitInSync(running.source, 'the delta sync after the unprotected run');
   assert.equal(status.sync.state, 'in-sync');
-  assert.match(status.sync.reason ?? '', /volume 'disk0' served without protection since /, JSON.stringify(status.sync));
+  assert.match(status.sync.last?.reason ?? '', /volume 'disk0' served without protection since /, JSON.stringify(status.sync));
   const delta = status.sync.delta!;
   assert.ok(delta.bytesShipped >= 3 * MiB && delta.bytesShipped < volumeBytes, `the written range and little else was shipped: ${JSON.stringify(delta)}`);
   await replicaEqualsSource(running, 'after the delta sync');

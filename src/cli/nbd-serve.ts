@@ -3,7 +3,7 @@
  */
 import * as fs from 'node:fs';
 import { parseArgs } from 'node:util';
-import { NbdServer, type ExportConfig, type ListenAddress, type TlsConfig } from '../nbd/server.js';
+import { connectionsMax, connectionsPerExportMaxDefault, NbdServer, type ExportConfig, type ListenAddress, type TlsConfig } from '../nbd/server.js';
 import { FileBackingStore, type BackingStore } from '../tap/backing-store.js';
 import { Tap } from '../tap/tap.js';
 import { CountingConsumer } from '../tap/consumers.js';
@@ -21,6 +21,10 @@ Serves raw image files over NBD. Every write, zero and trim passes through the t
   --export SPEC            NAME=PATH[,size=SIZE][,ro][,description=TEXT] (repeatable).
                            A missing file is created sparse when size= is given.
                            The first export is also the default (empty name) export.
+  --connections-per-export-max N
+                           connections one export serves at once, 1-${connectionsMax} (default
+                           ${connectionsPerExportMaxDefault}); past it NBD_OPT_GO is refused with
+                           NBD_REP_ERR_POLICY and a message naming the limit
   --tap on|off             hand every mutation to the tap's counting consumer (default on)
   --tap-stats-ms MS        log the tap's counters every MS milliseconds (default off)
   --tls off|on|require     offer STARTTLS (on) or refuse everything before it (require)
@@ -66,6 +70,16 @@ export function parseListen(text: string): { host: string; port: number } {
   const port = Number(text.slice(colon + 1));
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError(`Cannot read --listen '${text}': port must be 0-65535`);
   return { host: host || '127.0.0.1', port };
+}
+
+/** `--connections-per-export-max`: a whole number from 1 to the server's `connectionsMax`. */
+export function parseConnectionsPerExportMax(text: string | undefined): number {
+  if (text === undefined) return connectionsPerExportMaxDefault;
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(value) || value < 1 || value > connectionsMax) {
+    throw new UsageError(`Cannot read --connections-per-export-max '${text}': expected a whole number from 1 to ${connectionsMax}`);
+  }
+  return value;
 }
 
 export interface ServedVolume {
@@ -136,6 +150,7 @@ export async function runNbdServe(argv: string[]): Promise<void> {
       listen: { type: 'string', multiple: true },
       socket: { type: 'string', multiple: true },
       export: { type: 'string', multiple: true },
+      'connections-per-export-max': { type: 'string' },
       tap: { type: 'string', default: 'on' },
       'tap-stats-ms': { type: 'string' },
       tls: { type: 'string', default: 'off' },
@@ -170,13 +185,15 @@ export async function runNbdServe(argv: string[]): Promise<void> {
   const statsMs = values['tap-stats-ms'] ? Number(values['tap-stats-ms']) : 0;
   if (!Number.isFinite(statsMs) || statsMs < 0) throw new UsageError('--tap-stats-ms must be a number of milliseconds');
 
+  const connectionsPerExportMax = parseConnectionsPerExportMax(values['connections-per-export-max']);
+
   const volumes = openVolumes(specs, values.tap === 'on');
   const exports: ExportConfig[] = volumes.map((volume) => ({
     name: volume.spec.name,
     store: volume.store,
     ...(volume.spec.description ? { description: volume.spec.description } : {}),
   }));
-  const server = new NbdServer({ exports, ...(tls ? { tls } : {}), logger });
+  const server = new NbdServer({ exports, ...(tls ? { tls } : {}), logger, connectionsPerExportMax });
   for (const address of addresses) {
     if ('socketPath' in address) {
       try {

@@ -1,10 +1,11 @@
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import * as net from 'node:net';
-import { NbdServer, requestsInFlightMax } from './server.js';
+import { connectionsPerExportMaxDefault, NbdServer, requestsInFlightMax } from './server.js';
 import { NbdClient, NbdRequestError } from './client.js';
 import * as P from './protocol.js';
 import { MemoryBackingStore, type BackingStore } from '../tap/backing-store.js';
+import { lifelineBin, makeTempDir, run, startLifeline } from '../../test/helpers.js';
 
 /** A memory store whose writes wait until released, to hold requests in flight. */
 function gatedStore(sizeBytes: number): { store: BackingStore; release(): void; started(): number } {
@@ -132,4 +133,102 @@ test('server: a client that vanishes mid-payload leaves the server serving other
   await client.disconnect();
   await server.close();
   assert.equal(server.connectionCount, 0);
+});
+
+/** Polls `check` every 50 ms until it returns true; fails after `timeoutMs` naming `what`. */
+async function eventually(what: string, timeoutMs: number, check: () => Promise<boolean> | boolean): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** Sends the old NBD_OPT_EXPORT_NAME for `name` on a raw socket; resolves with the bytes the server sent after its greeting until it closed (or 10 s passed). */
+async function exportNameAnswer(port: number, name: string): Promise<{ bytes: number; closed: boolean }> {
+  const socket = net.connect(port, '127.0.0.1');
+  await new Promise((resolve) => socket.once('connect', resolve));
+  await readExactly(socket, 18);
+  const nameBytes = Buffer.from(name);
+  const option = Buffer.alloc(4 + 16);
+  option.writeUInt32BE(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES, 0);
+  option.writeBigUInt64BE(P.IHAVEOPT, 4);
+  option.writeUInt32BE(P.OPT_EXPORT_NAME, 12);
+  option.writeUInt32BE(nameBytes.length, 16);
+  socket.write(Buffer.concat([option, nameBytes]));
+  return new Promise((resolve) => {
+    let bytes = 0;
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ bytes, closed: false });
+    }, 10_000);
+    socket.on('data', (chunk: Buffer) => (bytes += chunk.length));
+    socket.on('error', () => undefined);
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve({ bytes, closed: true });
+    });
+    socket.resume();
+  });
+}
+
+test('server: an export serves at most connectionsPerExportMax connections; nbdinfo and qemu-io past it are refused at NBD_OPT_GO with ERR_POLICY, others are served, and a closed connection frees its place', async (t) => {
+  assert.throws(() => new NbdServer({ exports: [], allowNoExports: true, connectionsPerExportMax: 0 }), /Connections per export must be a whole number from 1/);
+  assert.equal(new NbdServer({ exports: [], allowNoExports: true }).connectionsPerExportMax, connectionsPerExportMaxDefault);
+  const server = new NbdServer({ exports: [{ name: 'disk0', store: new MemoryBackingStore(1 << 20) }, { name: 'disk1', store: new MemoryBackingStore(1 << 20) }], connectionsPerExportMax: 2 });
+  const port = await listen(server);
+  t.after(() => server.close());
+  const uri = `nbd://127.0.0.1:${port}`;
+  const held = [await NbdClient.connect({ host: '127.0.0.1', port }, { exportName: 'disk0' }), await NbdClient.connect({ host: '127.0.0.1', port }, { exportName: 'disk0' })];
+  assert.deepEqual(server.connectionsByExport(), { disk0: 2, disk1: 0 });
+
+  // libnbd and qemu see a refusal by server policy; qemu prints the server's words.
+  const nbdinfo = await run('nbdinfo', ['--size', `${uri}/disk0`], { allowFailure: true, timeoutMs: 30_000 });
+  assert.notEqual(nbdinfo.code, 0, `nbdinfo past the limit must fail: ${nbdinfo.stdout}`);
+  assert.match(nbdinfo.stderr, /server policy prevents NBD_OPT_GO/, nbdinfo.stderr);
+  const qemu = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 4k', `${uri}/disk0`], { allowFailure: true, timeoutMs: 30_000 });
+  assert.notEqual(qemu.code, 0);
+  assert.match(qemu.stderr, /Denied by server for option 7 \(go\)[\s\S]*export 'disk0' already serves 2 connections, the limit per export \(connectionsPerExportMax\)/, qemu.stderr);
+  // The old NBD_OPT_EXPORT_NAME has no error reply: the server closes without sending the export's size.
+  assert.deepEqual(await exportNameAnswer(port, 'disk0'), { bytes: 0, closed: true });
+  // Another export, the list, and NBD_OPT_INFO take no place.
+  assert.equal((await run('nbdinfo', ['--size', `${uri}/disk1`], { timeoutMs: 30_000 })).stdout.trim(), String(1 << 20));
+  assert.match((await run('nbdinfo', ['--list', `${uri}/`], { timeoutMs: 30_000 })).stdout, /export="disk0"[\s\S]*export="disk1"/);
+  assert.deepEqual(server.connectionsByExport(), { disk0: 2, disk1: 0 }, 'refused and finished clients hold no place');
+
+  // A held connection closes: its place is free for the next client, and the limit holds again after it.
+  await held[0]!.disconnect();
+  await eventually('the closed connection to free its place', 10_000, () => server.connectionsByExport()['disk0'] === 1);
+  const third = await NbdClient.connect({ host: '127.0.0.1', port }, { exportName: 'disk0' });
+  assert.equal((await third.pread(0, 512)).length, 512);
+  assert.notEqual((await run('nbdinfo', ['--size', `${uri}/disk0`], { allowFailure: true, timeoutMs: 30_000 })).code, 0);
+  await third.disconnect();
+  await held[1]!.disconnect();
+  await eventually('every connection to be gone', 10_000, () => server.connectionsByExport()['disk0'] === 0);
+  assert.equal((await run('nbdinfo', ['--size', `${uri}/disk0`], { timeoutMs: 30_000 })).stdout.trim(), String(1 << 20));
+});
+
+test('lifeline nbd serve --connections-per-export-max: the flag sets the limit (nbdsh past it is refused by policy) and a bad value is a usage error', async (t) => {
+  const dir = makeTempDir('lifeline-nbd-limit-');
+  const bad = await run(lifelineBin, ['nbd', 'serve', '--export', `d=${dir}/d.img,size=1M`, '--connections-per-export-max', '0'], { allowFailure: true });
+  assert.equal(bad.code, 2, bad.stderr);
+  assert.match(bad.stderr, /--connections-per-export-max '0': expected a whole number from 1 to 512/);
+  const served = await startLifeline(['--listen', '127.0.0.1:0', '--export', `disk0=${dir}/disk0.img,size=1M`, '--connections-per-export-max', '1']);
+  t.after(() => served.stop());
+  const held = await NbdClient.connect({ host: '127.0.0.1', port: served.port! }, { exportName: 'disk0' });
+  t.after(() => held.destroy());
+  const python = [
+    'import nbd, sys',
+    'h = nbd.NBD()',
+    'try:',
+    '    h.connect_uri(sys.argv[1])',
+    '    print("connected")',
+    'except nbd.Error as error:',
+    '    print("refused:", error.string)',
+  ].join('\n');
+  const refused = await run('/usr/bin/python3', ['-c', python, `${served.tcpUri}/disk0`], { timeoutMs: 30_000 });
+  assert.match(refused.stdout, /^refused: .*server policy prevents NBD_OPT_GO/m, refused.stdout);
+  await held.disconnect();
+  await eventually('nbdsh to connect once the held connection closed', 10_000, async () => /^connected/m.test((await run('/usr/bin/python3', ['-c', python, `${served.tcpUri}/disk0`], { timeoutMs: 30_000 })).stdout));
+  assert.match(served.stderr(), /export at its connection limit; NBD_OPT_GO refused/);
 });

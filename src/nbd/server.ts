@@ -15,6 +15,11 @@ import { type Logger, silentLogger } from '../util/logger.js';
 
 /** Maximum connections served at once; more are closed at accept. */
 export const connectionsMax = 512;
+/**
+ * Connections one export serves at once unless the server is configured otherwise
+ * (`NbdServerOptions.connectionsPerExportMax`); past it a client is refused at NBD_OPT_GO.
+ */
+export const connectionsPerExportMaxDefault = 64;
 /** Maximum requests of one connection being processed at once; reading pauses beyond it. */
 export const requestsInFlightMax = 256;
 /** Largest READ or WRITE payload accepted, and advertised as the maximum payload size. */
@@ -69,6 +74,8 @@ export interface NbdServerOptions {
   allowNoExports?: boolean;
   tls?: TlsConfig;
   logger?: Logger;
+  /** Connections one export serves at once, 1 to `connectionsMax` (default `connectionsPerExportMaxDefault`). */
+  connectionsPerExportMax?: number;
 }
 
 export type ListenAddress = { host: string; port: number } | { socketPath: string };
@@ -88,6 +95,9 @@ export class NbdServer {
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<Connection>();
   private connectionIdLast = 0;
+  /** Connections past the handshake (or selecting an export), per export. */
+  private readonly exportConnections = new Map<ExportConfig, number>();
+  readonly connectionsPerExportMax: number;
   shuttingDown = false;
   readonly bufferPool = new BufferPool();
 
@@ -99,6 +109,11 @@ export class NbdServer {
       this.exportsByName.set(config.name, config);
     }
     this.exportList = [...options.exports];
+    const perExportMax = options.connectionsPerExportMax ?? connectionsPerExportMaxDefault;
+    if (!Number.isSafeInteger(perExportMax) || perExportMax < 1 || perExportMax > connectionsMax) {
+      throw new Error(`Connections per export must be a whole number from 1 to ${connectionsMax} (the server's limit), not ${perExportMax}`);
+    }
+    this.connectionsPerExportMax = perExportMax;
     this.tls = options.tls;
     this.logger = options.logger ?? silentLogger;
     if (options.tls) {
@@ -113,6 +128,32 @@ export class NbdServer {
 
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /** Connections each current export serves (past the handshake), by export name. */
+  connectionsByExport(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const config of this.exportList) out[config.name] = this.exportConnections.get(config) ?? 0;
+    return out;
+  }
+
+  /**
+   * Takes one of an export's connection places for a connection that selects it; undefined when the
+   * export serves `connectionsPerExportMax` connections already, else the function that gives the
+   * place back (once) when the connection closes.
+   */
+  claimExport(config: ExportConfig): (() => void) | undefined {
+    const count = this.exportConnections.get(config) ?? 0;
+    if (count >= this.connectionsPerExportMax) return undefined;
+    this.exportConnections.set(config, count + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const left = (this.exportConnections.get(config) ?? 1) - 1;
+      if (left > 0) this.exportConnections.set(config, left);
+      else this.exportConnections.delete(config);
+    };
   }
 
   /** The export a name selects: the empty name selects the first (default) export. */
@@ -220,6 +261,8 @@ class Connection {
   private metaContextExport: string | undefined;
   private metaContextSelected = false;
   private exportConfig: ExportConfig | undefined;
+  /** Gives back this connection's place among its export's connections (see NbdServer.claimExport). */
+  private exportPlaceRelease: (() => void) | undefined;
   private store: BackingStore | undefined;
   private blockStatusActive = false;
   private transmissionFlags = 0;
@@ -284,6 +327,8 @@ class Connection {
     this.waiter = undefined;
     waiter?.reject(new ConnectionClosedError());
     this.queue.clear();
+    this.exportPlaceRelease?.();
+    this.exportPlaceRelease = undefined;
     this.closedResolve();
     this.notifyDrained();
   }
@@ -442,6 +487,14 @@ class Connection {
           this.resumeReading();
           return true;
         }
+        if (!this.claimPlace(config)) {
+          // NBD_OPT_EXPORT_NAME has no error reply: the spec's only refusal is to close.
+          this.server.logger.warn('export at its connection limit; closing', { connection: this.id, export: config.name, connectionsPerExportMax: this.server.connectionsPerExportMax });
+          this.socket.end();
+          this.phase = 'closing';
+          this.resumeReading();
+          return true;
+        }
         this.selectExport(config, false);
         const reply = Buffer.alloc(noZeroes ? 10 : 134);
         reply.writeBigUInt64BE(BigInt(config.store.sizeBytes), 0);
@@ -544,6 +597,22 @@ class Connection {
     if (Buffer.byteLength(parsed.name) > stringBytesMax) return this.optionError(option, P.REP_ERR_INVALID, 'export name is longer than 4096 bytes');
     const config = this.server.findExport(parsed.name);
     if (!config) return this.optionError(option, P.REP_ERR_UNKNOWN, `no export named '${parsed.name.slice(0, 256)}'`);
+    // NBD_REP_ERR_POLICY: the spec's "the option sent is not allowed by server policy", and a configured
+    // limit is policy. Not ERR_SHUTDOWN (the server is not going away: the client would wrongly give up
+    // on it), nor ERR_TOO_BIG (about the size of a request or reply), nor ERR_UNKNOWN (the export exists).
+    // Checked before any NBD_REP_INFO, so a refused GO sends nothing but the error; the client may go on
+    // negotiating (NBD_OPT_INFO or NBD_OPT_LIST still answer). What clients show: qemu "Denied by server
+    // for option 7 (go)" and this message; libnbd "server policy prevents NBD_OPT_GO" (nbdinfo 1.14: "server
+    // replied with error to opt_go request"), with this message under LIBNBD_DEBUG=1. ERR_SHUTDOWN would
+    // have them say the server is shutting down.
+    if (option === P.OPT_GO && !this.claimPlace(config)) {
+      this.server.logger.warn('export at its connection limit; NBD_OPT_GO refused', { connection: this.id, export: config.name, connectionsPerExportMax: this.server.connectionsPerExportMax });
+      return this.optionError(
+        option,
+        P.REP_ERR_POLICY,
+        `export '${config.name.slice(0, 256)}' already serves ${this.server.connectionsPerExportMax} connections, the limit per export (connectionsPerExportMax); try again once one of them closes`,
+      );
+    }
     const requested = new Set<number>();
     for (let i = 0; i < requestCount; i++) requested.add(data.readUInt16BE(parsed.rest + 2 + 2 * i));
     const flags = this.transmissionFlagsFor(config);
@@ -606,6 +675,19 @@ class Connection {
     else flags |= P.TFLAG_SEND_TRIM | P.TFLAG_SEND_WRITE_ZEROES | P.TFLAG_SEND_FAST_ZERO;
     if (this.structuredReplies) flags |= P.TFLAG_SEND_DF;
     return flags;
+  }
+
+  /** Takes a place among the export's connections for this connection (false: the export is at its limit). */
+  private claimPlace(config: ExportConfig): boolean {
+    const release = this.server.claimExport(config);
+    if (!release) return false;
+    this.exportPlaceRelease = release;
+    // The socket may have closed while the option was read: give the place back at once.
+    if (this.phase === 'closing') {
+      release();
+      this.exportPlaceRelease = undefined;
+    }
+    return true;
   }
 
   private selectExport(config: ExportConfig, blockStatus: boolean): void {
