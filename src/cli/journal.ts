@@ -85,7 +85,7 @@ async function survey(directory: string): Promise<Survey> {
   const past = cleanEnd || !last
     ? undefined
     : await scanPastEnd({ fileSystem: nodeFileSystem, units: [{ ref: last, from: last.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))], unitBytes: meta.unitBytes, lsnAfter: lsnEnd, generationMin: scan.generationLast });
-  const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: meta.lsnCommitted ?? 0, past, endIsDamage: scan.endIsDamage });
+  const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: Math.max(meta.lsnCommitted ?? 0, meta.promotingToLsn), past, endIsDamage: scan.endIsDamage });
   // The same words as the journal's open (describeLossPlace), so that both name the same first damaged record.
   const place = last ? `unit ${last.number} at offset ${last.endPosition}: ${last.stopReason}` : 'no storage unit is left';
   const proof = (past?.claimMax ?? 0) > lsnEnd ? `records past it (the first in unit ${past!.first!.unit} at offset ${past!.first!.position}) claim lsn ${proofLsn} was committed` : `the metadata says lsn ${proofLsn} was committed`;
@@ -93,7 +93,6 @@ async function survey(directory: string): Promise<Survey> {
   const tornTail = verdict === 'torn-tail' ? `torn tail: the log ended in ${place}; nothing past it claims to be committed (${past?.records ?? 0} records of the last group past it), so the next open cuts it` : undefined;
   const firstLsn = scan.units.find((unit) => unit.records > 0)?.firstLsn;
   if (firstLsn !== undefined && firstLsn > meta.watermarkLsn + 1) problems.push(`records ${meta.watermarkLsn + 1}..${firstLsn - 1} are missing`);
-  if (meta.promotingToLsn > Math.max(meta.watermarkLsn, scan.lsnLast)) problems.push(`promotion to lsn ${meta.promotingToLsn} is under way but the log ends at ${scan.lsnLast}`);
   return { meta, units, scan, streams, timeMsMin, timeMsMax, markers, problems, tornTail };
 }
 

@@ -392,9 +392,6 @@ export class Journal {
     if (firstScanned && firstScanned.firstLsn > meta.watermarkLsn + 1) {
       throw new JournalDamagedError(this.name, `records ${meta.watermarkLsn + 1}..${firstScanned.firstLsn - 1} are missing (watermark ${meta.watermarkLsn})`);
     }
-    if (meta.promotingToLsn > Math.max(scan.lsnLast, meta.watermarkLsn)) {
-      throw new JournalDamagedError(this.name, `promotion was under way to lsn ${meta.promotingToLsn} but the log ends at ${scan.lsnLast}`);
-    }
     const lsnEnd = Math.max(scan.lsnLast, meta.watermarkLsn);
     this.durableLsn = this.queuedLsn = lsnEnd;
     for (const [stream, sequence] of this.streamsDurable) this.streamsQueued.set(stream, sequence);
@@ -413,11 +410,21 @@ export class Journal {
           lsnAfter: lsnEnd,
           generationMin: scan.generationLast,
         });
-    const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: meta.lsnCommitted ?? 0, past, endIsDamage: scan.endIsDamage });
+    // A promotion intent is a commit point too: only durable records are promoted.
+    const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: Math.max(meta.lsnCommitted ?? 0, meta.promotingToLsn), past, endIsDamage: scan.endIsDamage });
     const damaged = verdict === 'damage';
     const stop = { unit: last?.number ?? meta.unitFirst, position: last?.endPosition ?? 0, reason: last?.stopReason ?? 'no storage unit is left' };
     if (damaged || (past !== undefined && past.markers.length > 0)) {
       const loss = this.describeLoss(damaged ? 'damage' : 'tail-cut', stop, lsnEnd, proofLsn, past, streamLastTimeMs);
+      if (meta.promotingToLsn > lsnEnd) {
+        // A promotion step was applying records past the damage to the replicas when the journal
+        // stopped: the replicas may hold part of what is lost, so no point is an image of the source,
+        // however old, until the streams heal. The step is finished up to what was kept.
+        loss.replicasTouched = true;
+        loss.timeMsFrom = 0;
+        loss.reason += `; a promotion into the replicas was under way to lsn ${meta.promotingToLsn}, so they may hold part of the lost records`;
+        meta.promotingToLsn = lsnEnd;
+      }
       const losses = (meta.losses ?? []).filter((earlier) => !(earlier.lsnFirst === loss.lsnFirst && earlier.kind === loss.kind && earlier.healedTimeMs === undefined));
       meta.losses = [...losses, loss].slice(-lossesKeptMax);
       // Recorded before anything past the end is cleared: a crash in between finds the same loss again.
@@ -885,7 +892,7 @@ export class Journal {
       }
       const info: CheckpointInfo = { id, kind: state.marker.kind, streams: state.marker.streams, timeMs, recoverable: complete && !promoted };
       if (state.marker.name !== undefined) info.name = state.marker.name;
-      const lost = this.lostCheckpoints().get(id);
+      const lost = this.lostCheckpoints().get(id) ?? this.replicasTouchedBy(timeMs);
       if (lost) {
         info.recoverable = false;
         info.lost = lost.why;
@@ -899,6 +906,15 @@ export class Journal {
       out.push(info);
     }
     return out.sort((a, b) => a.timeMs - b.timeMs);
+  }
+
+  /** A loss that left the replicas holding part of its records spoils every point before its heal. */
+  private replicasTouchedBy(timeMs: number): { why: string } | undefined {
+    for (const loss of this.meta.losses ?? []) {
+      if (!loss.replicasTouched || (loss.healedTimeMs !== undefined && timeMs >= loss.healedTimeMs)) continue;
+      return { why: `the replicas may hold part of journal records ${loss.lsnFirst}..${loss.lsnLast}, which were lost (${describeLossPlace(loss)})` };
+    }
+    return undefined;
   }
 
   /** Checkpoints a cut on open lost a marker of, with why (newest loss wins). */
@@ -929,6 +945,14 @@ export class Journal {
       target = lsn;
     }
     if (target > this.meta.watermarkLsn) await this.promote(target, { forced: false });
+    else if (this.durableLsn > (this.meta.lsnCommitted ?? 0) && !this.failure && !this.closed) {
+      // The commit point in the metadata is what proves damage in the last groups of a journal that
+      // crashed (nothing after them claims them): keep it within one tick of the log's end. On the
+      // promotion queue, so that metadata writes never overlap.
+      const run = this.promotion.then(() => this.persist());
+      this.promotion = run.catch(() => {});
+      await run;
+    }
     this.evaluateAlerts();
   }
 

@@ -66,6 +66,8 @@ export interface JournalLoss {
   streamsUnknown: boolean;
   /** Checkpoints with a marker past the end: not recoverable. */
   checkpoints: { id: string; kind: string; name?: string }[];
+  /** A promotion into the replicas was under way past the damage: they may hold part of the lost records. */
+  replicasTouched?: boolean;
   /** Source time from which points are images of the source again (the heal's end); absent until then. */
   healedTimeMs?: number;
 }
