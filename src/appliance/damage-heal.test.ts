@@ -116,11 +116,33 @@ test('journal damage on the target is never a silent loss: alerted with its rang
     { kind: 'zero-page', place: 'older', crash: true },
   ];
   const outcomes: string[] = [];
+  /** Every tagged checkpoint taken, with a copy of the source volume as it was then. */
+  const taken: { id: string; image: string }[] = [];
+  const checkCheckpoints = async (where: string): Promise<void> => {
+    const { checkpoints } = await target.api<{ checkpoints: { id: string; recoverable: boolean; lost?: string; inconsistent?: string }[] }>('GET', '/v1/groups/pg1/checkpoints');
+    for (const { id, image } of taken) {
+      const listed = checkpoints.find((candidate) => candidate.id === id);
+      assert.ok(listed, `${where}: checkpoint ${id} is still listed (recoverable or lost), never gone without a word`);
+      if (!listed.recoverable) {
+        assert.ok(listed.lost || listed.inconsistent, `${where}: checkpoint ${id} says why it is not recoverable: ${JSON.stringify(listed)}`);
+        continue;
+      }
+      const view = await target.api<{ name: string; uri: string }>('POST', '/v1/groups/pg1/views', { volume: 'disk0', checkpoint: id });
+      try {
+        assert.ok(await sameBytes(view.uri, image), `${where}: the view at checkpoint ${id} differs from the source as it was then`);
+      } finally {
+        await target.api('DELETE', `/v1/groups/pg1/views/${view.name}`);
+      }
+    }
+  };
   for (const [index, corruptionCase] of cases.entries()) {
     const context = `seed ${seed}, case ${index}`;
     // Two units' worth of writes, a tagged checkpoint in the middle, on both groups.
     await write('disk0', 12);
     const { id: checkpoint } = await source.api<{ id: string }>('POST', '/v1/groups/pg1/checkpoint', { kind: 'tagged', name: `case-${index}` });
+    const image = path.join(dir, `checkpoint-${index}.img`);
+    fs.copyFileSync(sourceFile('disk0'), image);
+    taken.push({ id: checkpoint, image });
     await write('disk0', 12);
     await write('disk1', 8);
     await drained('pg1');
@@ -151,8 +173,8 @@ test('journal damage on the target is never a silent loss: alerted with its rang
     } else {
       outcomes.push(`case ${index} ${damage.what}: ${reopened.losses.length > 0 ? 'torn tail cut' : 'no loss'}`);
     }
-    // No view at the tagged checkpoint serves bytes other than the source's at that point without saying so:
-    // it opens only when its markers survived and are outside every window; then the whole stream healed over it.
+    // No view at a tagged checkpoint serves bytes other than the source's at that point without saying so.
+    await checkCheckpoints(`${where}, after the restart`);
     const startedMs = Date.now();
     await waitFor(`${where}: the stream to heal (latest equals the source, no alert)`, healMsMax, async () => {
       const [targetStatus, sourceStatus] = await Promise.all([group<TargetGroupStatus>(target, 'pg1'), group<SourceGroupStatus>(source, 'pg1')]);
@@ -161,6 +183,7 @@ test('journal damage on the target is never a silent loss: alerted with its rang
       return (await latestEqualsSource('pg1', 'disk0')) ? true : undefined;
     }, 500);
     outcomes[outcomes.length - 1] += `, healed in ${Date.now() - startedMs} ms`;
+    await checkCheckpoints(`${where}, after the heal`);
     const healed = await group<TargetGroupStatus>(target, 'pg1');
     for (const earlier of healed.losses.filter((candidate) => candidate.kind === 'damage')) assert.ok(earlier.healedTimeMs !== undefined, `${where}: every loss is healed`);
     // The second group ran through the damage and the restart of its target.

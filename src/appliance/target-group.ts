@@ -78,7 +78,26 @@ export interface GroupState {
   version: 1;
   streams: StreamRecord[];
   syncWindows?: SyncWindow[];
+  /**
+   * Every checkpoint marker acknowledged and not yet promoted, recorded before its batch is
+   * acknowledged: a marker destroyed with the records around it (or cut with an acknowledged tail)
+   * is then still listed, as lost, instead of vanishing.
+   */
+  markersAcknowledged?: AcknowledgedMarker[];
+  /** Checkpoints whose markers the journal lost, with why (newest last, at most `lostCheckpointsKeptMax`). */
+  checkpointsLost?: { id: string; kind: string; name?: string; timeMs: number; why: string }[];
 }
+
+interface AcknowledgedMarker {
+  id: string;
+  kind: string;
+  name?: string;
+  lsn: number;
+  timeMs: number;
+}
+
+/** Lost checkpoints the group state keeps listing. */
+export const lostCheckpointsKeptMax = 256;
 
 export interface TargetGroupOptions {
   config: ReceiveGroupConfig;
@@ -179,6 +198,7 @@ export class TargetGroup {
       } else if (journal.openReport.cut) options.logger.warn('journal tail cut on open', { group: config.group, ...journal.openReport.cut });
       const group = new TargetGroup(options, journal, state, replicas);
       await group.reconcileSyncWindows();
+      await group.reconcileAcknowledgedMarkers();
       await group.openLossWindows();
       return group;
     } catch (error) {
@@ -300,18 +320,30 @@ export class TargetGroup {
     // Queued together, committed in order; the last one's durability covers the rest.
     const placed = await Promise.all(pieces.map((records) => this.journal.append(records)));
     const syncMarkers: SyncMarker[] = [];
+    const markers: AcknowledgedMarker[] = [];
     pieces.forEach((records, index) => {
       records.forEach((appended, at) => {
         const checkpoint = appended.checkpoint;
-        if (appended.kind !== 'checkpoint' || !checkpoint || !isSyncMarkerKind(checkpoint.kind)) return;
+        if (appended.kind !== 'checkpoint' || !checkpoint) return;
+        if (!isSyncMarkerKind(checkpoint.kind)) {
+          const acknowledged: AcknowledgedMarker = { id: checkpoint.id, kind: checkpoint.kind, lsn: placed[index]!.lsnFirst + at, timeMs: appended.timeMs };
+          if (checkpoint.name !== undefined) acknowledged.name = checkpoint.name;
+          markers.push(acknowledged);
+          return;
+        }
         const marker: SyncMarker = { id: checkpoint.id, kind: checkpoint.kind, lsn: placed[index]!.lsnFirst + at, timeMs: appended.timeMs };
         if (checkpoint.name !== undefined) marker.name = checkpoint.name;
         syncMarkers.push(marker);
       });
     });
     // Durable in the group's state before the batch is acknowledged (and rebuilt from the journal at open).
-    if (syncMarkers.length > 0) {
-      await this.updateState((state) => withSyncMarkers(state, record.appliance, syncMarkers));
+    if (syncMarkers.length > 0 || markers.length > 0) {
+      await this.updateState((state) => {
+        const next = withSyncMarkers(state, record.appliance, syncMarkers);
+        if (markers.length === 0) return next;
+        const watermark = this.journal.watermarkLsn;
+        return { ...next, markersAcknowledged: [...(next.markersAcknowledged ?? []).filter((marker) => marker.lsn > watermark), ...markers] };
+      });
       if (syncMarkers.some((marker) => marker.kind === 'sync-end')) await this.healEndedLosses();
     }
     const last = entries[entries.length - 1];
@@ -336,7 +368,17 @@ export class TargetGroup {
    */
   checkpoints(): (CheckpointInfo & { inconsistent?: string })[] {
     const markers = this.journal.markerRecords();
-    return this.journal.checkpoints().map((checkpoint) => {
+    const listed = this.journal.checkpoints();
+    const lost = new Map((this.state.checkpointsLost ?? []).map((entry) => [entry.id, entry]));
+    for (const entry of lost.values()) {
+      const info: CheckpointInfo = { id: entry.id, kind: entry.kind, streams: [], timeMs: entry.timeMs, recoverable: false, lost: entry.why };
+      if (entry.name !== undefined) info.name = entry.name;
+      const at = listed.findIndex((candidate) => candidate.id === entry.id);
+      if (at < 0) listed.push(info);
+      else if (!listed[at]!.lost) listed[at] = { ...listed[at]!, recoverable: false, lost: entry.why };
+    }
+    listed.sort((a, b) => a.timeMs - b.timeMs);
+    return listed.map((checkpoint) => {
       if (!checkpoint.recoverable) return checkpoint;
       for (const marker of markers) {
         if (marker.id !== checkpoint.id) continue;
@@ -356,6 +398,7 @@ export class TargetGroup {
   checkConsistentPoint(volume: number, at: { checkpoint: string } | { timeMs: number }): void {
     if ('checkpoint' in at) {
       const checkpoint = this.checkpoints().find((candidate) => candidate.id === at.checkpoint);
+      if (checkpoint?.lost) throw new RecoveryPointUnavailableError(`checkpoint '${at.checkpoint}'`, checkpoint.lost);
       if (checkpoint?.inconsistent) throw new RecoveryPointUnavailableError(`checkpoint '${at.checkpoint}'`, `it lies inside a sync: ${checkpoint.inconsistent}`);
       return;
     }
@@ -372,6 +415,32 @@ export class TargetGroup {
 
   private windowAt(appliance: string, inside: (window: SyncWindow) => boolean): SyncWindow | undefined {
     return (this.state.syncWindows ?? []).find((window) => window.appliance === appliance && inside(window));
+  }
+
+  /**
+   * Markers acknowledged past the end of the journal as opened were lost with the records around
+   * them (damage, or an acknowledged tail the journal could not tell from a torn one): their
+   * checkpoints are listed as lost from now on. Markers promoted past are forgotten.
+   */
+  private async reconcileAcknowledgedMarkers(): Promise<void> {
+    const end = this.journal.lsnDurable;
+    const watermark = this.journal.watermarkLsn;
+    const acknowledged = this.state.markersAcknowledged ?? [];
+    const gone = acknowledged.filter((marker) => marker.lsn > end);
+    const kept = acknowledged.filter((marker) => marker.lsn <= end && marker.lsn > watermark);
+    if (gone.length === 0 && kept.length === acknowledged.length) return;
+    const losses = this.journal.losses();
+    const lost = gone.map((marker) => {
+      const loss = [...losses].reverse().find((candidate) => candidate.lsnFirst <= marker.lsn);
+      const why = loss && loss.kind === 'damage'
+        ? `its marker (lsn ${marker.lsn}) was lost with journal records ${loss.lsnFirst}..${loss.lsnLast}: ${describeLossPlace(loss)}`
+        : `its marker (lsn ${marker.lsn}) was acknowledged but the journal now ends at lsn ${end}: the target lost records it had acknowledged`;
+      const entry: { id: string; kind: string; name?: string; timeMs: number; why: string } = { id: marker.id, kind: marker.kind, timeMs: marker.timeMs, why };
+      if (marker.name !== undefined) entry.name = marker.name;
+      return entry;
+    });
+    if (lost.length > 0) this.options.logger.error('checkpoints lost with journal records the target had acknowledged', { group: this.name, checkpoints: lost.map((entry) => entry.id) });
+    await this.updateState((state) => ({ ...state, markersAcknowledged: kept, checkpointsLost: [...(state.checkpointsLost ?? []), ...lost].slice(-lostCheckpointsKeptMax) }));
   }
 
   /**

@@ -394,3 +394,19 @@ test('after a failed sync nothing more is written: appends and promotion are ref
   await reopened.journal.append([write(0, 2)]);
   await closeTestJournal(reopened);
 });
+
+test('a view at a checkpoint of a new epoch includes what an earlier epoch of the same source wrote (a stream the marker does not name counts up to the marker)', async () => {
+  const { opened } = await fixture();
+  const { journal } = opened;
+  // Stream 1 is an earlier epoch; it wrote block 0 and ended. Stream 2, its successor, wrote block 1 and took a checkpoint naming only itself.
+  await journal.append([write(1, 1, 0, 0x11)]);
+  await journal.append([write(2, 1, 512, 0x22), { kind: 'checkpoint', stream: 2, sequence: 2, timeMs: 1, volume: 0, offset: 0, checkpoint: { id: 'after-restart', kind: 'tagged', streams: [2] } }]);
+  await journal.append([write(2, 3, 0, 0x33)]);
+  const view = await journal.openView({ volume: 1, at: { checkpoint: 'after-restart' }, scratchBytesMax: 0 });
+  const bytes = Buffer.alloc(1024);
+  await view.read(bytes, 0);
+  await view.close();
+  assert.ok(bytes.subarray(0, 512).equals(Buffer.alloc(512, 0x11)), 'the earlier epoch\'s write is in the view');
+  assert.ok(bytes.subarray(512).equals(Buffer.alloc(512, 0x22)));
+  await closeTestJournal(opened);
+});

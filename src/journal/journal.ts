@@ -1225,8 +1225,19 @@ export class Journal {
       if (!state || !info) throw new RecoveryPointUnavailableError(what, 'the journal holds no marker of it');
       if (info.lost) throw new RecoveryPointUnavailableError(what, info.lost);
       if (!info.recoverable) throw new RecoveryPointUnavailableError(what, 'not every stream has its marker durable, or it was promoted');
-      for (const [stream, sequence] of this.streamsDurable) cut[stream] = this.streamPromoted(stream);
+      for (const [stream] of this.streamsDurable) cut[stream] = this.streamPromoted(stream);
       for (const stream of state.marker.streams) cut[stream] = state.markers.get(stream)!.sequence - 1;
+      // A stream the checkpoint does not name (a source's earlier epoch, which ended before its
+      // current one began) counts up to the checkpoint's last marker in journal order: leaving it at
+      // its promoted point would serve the replica's older bytes where that epoch wrote.
+      const named = new Set(state.marker.streams);
+      let lsnMarkerMax = 0;
+      for (const stream of named) lsnMarkerMax = Math.max(lsnMarkerMax, state.markers.get(stream)!.lsn);
+      for (let lsn = Math.max(this.meta.watermarkLsn + 1, this.index.baseLsn); lsn < lsnMarkerMax; lsn++) {
+        const { chunk, at } = this.index.locate(lsn);
+        const stream = chunk.stream[at]!;
+        if (!named.has(stream)) cut[stream] = chunk.sequence[at]!;
+      }
       for (const [stream] of this.streamsDurable) {
         if (cut[stream]! < this.streamPromoted(stream)) throw new RecoveryPointUnavailableError(what, `stream ${stream} was promoted past it`);
       }
