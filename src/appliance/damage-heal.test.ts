@@ -74,7 +74,7 @@ test('journal damage on the target is never a silent loss: alerted with its rang
   fs.writeFileSync(sites.targetConfigPath, JSON.stringify(targetConfig, null, 2));
 
   let target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
-  const source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
+  let source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
   t.after(async () => {
     await source.kill();
     await target.kill();
@@ -193,6 +193,31 @@ test('journal damage on the target is never a silent loss: alerted with its rang
     assert.ok(await latestEqualsSource('pg2', 'disk1'), `${where}: pg2's latest equals its source`);
   }
   for (const outcome of outcomes) t.diagnostic(`damage-heal (seed ${seed}): ${outcome}`);
+
+  // Both appliances down, and the target's datastore replaced meanwhile (journal and group state of
+  // pg1 gone, the replica left as it was): the source's next HELLO says what was acknowledged of its
+  // previous epoch, the target finds it holds less, and the delta sync heals it.
+  await write('disk0', 12);
+  await drained('pg1');
+  await drained('pg2');
+  assert.equal(await source.stop(), 0);
+  assert.equal(await target.stop(), 0);
+  fs.rmSync(path.join(sites.targetDataDir, 'target', 'pg1'), { recursive: true, force: true });
+  fs.rmSync(path.join(sites.targetDataDir, 'journal', 'pg1'), { recursive: true, force: true });
+  target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
+  source = await startAppliance({ dataDir: sites.sourceDataDir, configPath: sites.sourceConfigPath });
+  // The window the loss opened stays listed (closed, once healed) while the journal holds its points.
+  const replaced = await waitFor('the target to find it holds less than it had acknowledged', healMsMax, async () => {
+    const status = await group<TargetGroupStatus>(target, 'pg1');
+    return status.syncWindows.find((window) => window.deltaSyncNeeded && /found when the source began a new epoch/.test(window.lossReason ?? ''));
+  });
+  assert.match(replaced.lossReason!, /the target acknowledged sequence [1-9]\d* of epoch \S+ of 'site-a-appliance' but holds 0/);
+  await waitFor('pg1 to heal after the datastore was replaced', healMsMax, async () => {
+    const [targetStatus, sourceStatus] = await Promise.all([group<TargetGroupStatus>(target, 'pg1'), group<SourceGroupStatus>(source, 'pg1')]);
+    if (targetStatus.alerts.some((alert) => alert.severity === 'error') || sourceStatus.alerts.length > 0) return undefined;
+    if (sourceStatus.sync.state !== 'in-sync' || sourceStatus.queue.queuedEntries > 0) return undefined;
+    return (await latestEqualsSource('pg1', 'disk0')) ? true : undefined;
+  }, 500);
 
   // A journal that cannot open at all (its metadata damaged) fails its group alone.
   assert.equal(await target.stop(), 0);

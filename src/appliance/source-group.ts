@@ -36,7 +36,7 @@ import { TokenBucket } from '../replication/rate.js';
 import { sleep, type Scheduler } from '../replication/scheduler.js';
 import { Shipper, type ShipperStats } from '../replication/shipper.js';
 import { StreamQueue, type ByteRange } from '../replication/queue.js';
-import { blockSumBytes, blockSums, type LossReported, type Welcome } from '../replication/wire.js';
+import { blockSumBytes, blockSums, type LossReported, type PreviousEpoch, type Welcome } from '../replication/wire.js';
 import { DirtyGateStore, DirtyLogDamagedError, DirtyRegionLog } from '../replication/dirty-log.js';
 import type { ProtectConfig } from './config.js';
 
@@ -50,6 +50,8 @@ export const syncQueuedBytesMax = 32 * 1024 * 1024;
 export const syncRetryDelayMs = 5_000;
 /** How often the group checks its queue's mode and pending resyncs. */
 export const maintenanceIntervalMs = 200;
+/** How often at most the group state records the sequence the target acknowledged (a lower bound is enough). */
+export const acknowledgedRecordMs = 5_000;
 /** Extents looked at per sync piece. */
 export const syncExtentsMax = 64;
 /** How long a quiesce may hold write completions at most, whatever the caller asks. */
@@ -161,6 +163,12 @@ interface SourceGroupState {
    * it has not compared yet.
    */
   deltaSyncOwed?: string;
+  /**
+   * What the target had acknowledged of the current epoch when last recorded (at most every
+   * `acknowledgedRecordMs`, and at stop): the next start's HELLO tells it, so that a target that lost
+   * acknowledged entries while this appliance was down says so, instead of the loss passing unseen.
+   */
+  acknowledged?: { epoch: string; sequence: number };
   /**
    * A flush of the source volumes failed (when, and the error): writes made before it may be missing
    * from the volumes although the target holds them, and no later flush proves otherwise, so the
@@ -326,10 +334,10 @@ export class SourceGroup {
       this.gates.set(volume.id, gate);
       this.exports.set(volume.name, gate);
     }
-    this.shipper = this.makeShipper(0);
+    this.shipper = this.makeShipper(0, undefined, state.acknowledged && state.acknowledged.sequence > 0 ? { epoch: state.acknowledged.epoch, sequenceAcknowledged: state.acknowledged.sequence } : undefined);
   }
 
-  private makeShipper(sequenceBase: number, lossReported?: LossReported): Shipper {
+  private makeShipper(sequenceBase: number, lossReported?: LossReported, previousEpoch?: PreviousEpoch): Shipper {
     const options = this.options;
     return new Shipper({
       hello: {
@@ -340,6 +348,7 @@ export class SourceGroup {
         sequenceBase,
         volumes: options.volumes.map((volume) => ({ id: volume.id, name: volume.name, sizeBytes: volume.file.sizeBytes })),
         ...(lossReported ? { lossReported } : {}),
+        ...(previousEpoch ? { previousEpoch } : {}),
       },
       queue: this.queue,
       connect: options.connect,
@@ -585,8 +594,22 @@ export class SourceGroup {
    * stream cannot continue in this epoch, so the group starts a new session whose first job is
    * to resync the discarded regions; pending resyncs start once no sync runs.
    */
+  /** When the acknowledged sequence was last recorded in the group state. */
+  private acknowledgedRecordedMs = 0;
+
+  /** Records what the target acknowledged of this epoch, if it moved (see `SourceGroupState.acknowledged`). */
+  private recordAcknowledged(): Promise<void> | undefined {
+    const sequence = this.shipper.stats().sequenceAcknowledged;
+    const recorded = this.state.acknowledged;
+    if (sequence === 0 || (recorded?.epoch === this.epoch && recorded.sequence >= sequence)) return undefined;
+    this.acknowledgedRecordedMs = this.options.scheduler.nowMs();
+    this.state = { ...this.state, acknowledged: { epoch: this.epoch, sequence } };
+    return this.writeState('the sequence the target acknowledged');
+  }
+
   private maintain(): void {
     if (this.stopping) return;
+    if (this.options.scheduler.nowMs() - this.acknowledgedRecordedMs >= acknowledgedRecordMs) void this.recordAcknowledged()?.catch(() => undefined);
     try {
       if (this.queue.mode === 'bitmap') {
         void this.newSessionAfterBitmap();
@@ -1085,6 +1108,7 @@ export class SourceGroup {
       await new Promise((resolve) => this.options.scheduler.setTimer(20, () => resolve(undefined)));
     }
     await this.shipper.stop();
+    await this.recordAcknowledged()?.catch(() => undefined);
     const queued = this.queue.stats();
     await this.close();
     return { entriesNotAcknowledged: queued.queuedEntries, bytesNotAcknowledged: queued.queuedBytes, syncInterrupted };

@@ -255,15 +255,15 @@ export class TargetGroup {
     const epochIsNew = !record;
     // Once, when the epoch that follows the loss begins (a reconnect of it must not widen the window
     // again), and before the epoch is recorded (a crash in between leaves the window, never the epoch alone).
-    if (hello.lossReported && epochIsNew) {
-      const reported = hello.lossReported;
+    const reported = hello.lossReported ?? hello.previousEpoch;
+    if (reported && epochIsNew) {
       const lost = this.state.streams.find((candidate) => candidate.appliance === hello.appliance && candidate.epoch === reported.epoch);
       const lostStream = lost?.stream;
       const kept = lostStream === undefined ? 0 : (this.journal.status().streams.find((entry) => entry.stream === lostStream)?.sequenceLast ?? 0) + lost!.sequenceBase;
       if (kept < reported.sequenceAcknowledged) {
         // The source was told more was durable than this journal holds: no point past what is kept is an image of it until its delta sync ends.
         const timeMsFrom = lostStream === undefined ? 0 : this.timeMsDurable.get(lostStream) ?? this.journal.status().oldestRecoverableMs;
-        const reason = `the target acknowledged sequence ${reported.sequenceAcknowledged} of epoch ${reported.epoch} of '${hello.appliance}' but holds ${kept}`;
+        const reason = `the target acknowledged sequence ${reported.sequenceAcknowledged} of epoch ${reported.epoch} of '${hello.appliance}' but holds ${kept}${hello.lossReported ? '' : ' (found when the source began a new epoch)'}`;
         await this.updateState((state) => withLossWindow(state, hello.appliance, { lsnKept: this.journal.lsnDurable, timeMsFrom, reason, lossId: undefined }));
         this.options.logger.error('a source reports entries this target acknowledged and no longer holds; its delta sync heals them', { group: this.name, source: hello.appliance, epoch: reported.epoch, sequenceAcknowledged: reported.sequenceAcknowledged, sequenceHeld: kept });
       }

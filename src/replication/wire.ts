@@ -203,12 +203,21 @@ export interface Hello {
    * newest point the target still holds, which the delta sync that follows closes.
    */
   lossReported?: LossReported;
+  /**
+   * What the target had acknowledged of this source's previous epoch when the source last recorded
+   * it (a restart starts a new epoch): a target that now holds less lost acknowledged entries, and
+   * treats it as a reported loss.
+   */
+  previousEpoch?: PreviousEpoch;
 }
 
-export interface LossReported {
+export interface PreviousEpoch {
   epoch: string;
-  sequenceDurable: number;
   sequenceAcknowledged: number;
+}
+
+export interface LossReported extends PreviousEpoch {
+  sequenceDurable: number;
 }
 
 export interface Welcome {
@@ -296,7 +305,14 @@ export function decodeHello(frame: Frame): Hello {
     sequenceBase: field(object, 'sequenceBase', isCount, 'a sequence', 'hello'),
     volumes,
     ...(object['lossReported'] === undefined ? {} : { lossReported: decodeLossReported(object['lossReported']) }),
+    ...(object['previousEpoch'] === undefined ? {} : { previousEpoch: decodePreviousEpoch(object['previousEpoch']) }),
   };
+}
+
+function decodePreviousEpoch(value: unknown): PreviousEpoch {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new WireProtocolError("a hello frame's 'previousEpoch' is not an object");
+  const object = value as Record<string, unknown>;
+  return { epoch: field(object, 'epoch', isName, 'an epoch', 'hello'), sequenceAcknowledged: field(object, 'sequenceAcknowledged', isCount, 'a sequence', 'hello') };
 }
 
 function decodeLossReported(value: unknown): LossReported {
