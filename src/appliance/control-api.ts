@@ -53,25 +53,58 @@ export const retryAfterSeconds = 1;
  * holds its place for at most this long. Answering may take longer (a removal's drain).
  */
 export const requestReceiveMsMax = 30_000;
+/** How often the server looks for requests past `requestReceiveMsMax`. */
+const requestTimeoutCheckMs = 1_000;
 
 class ApiError extends Error {
-  constructor(readonly status: number, readonly code: string, message: string) {
+  /** `closeConnection`: the request's body was not read to its end, so the answer closes the connection. */
+  constructor(readonly status: number, readonly code: string, message: string, readonly closeConnection = false) {
     super(message);
   }
 }
 
+/**
+ * Reads a request's body to its end, keeping it when `keep` (else dropping it): `over` when it is
+ * longer than `requestBodyBytesMax` (reading stops there, so the answer must close the connection),
+ * `failed` when the request broke off. An answer must not leave before the body is read: closing a
+ * connection with unread bytes resets it, and a client still sending may then never read the answer;
+ * a body read to its end also leaves the connection ready for the client's next request.
+ */
+function receiveBody(request: http.IncomingMessage, keep: boolean): Promise<{ body: Buffer } | { over: true } | { failed: Error }> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let bytes = 0;
+    const finish = (result: { body: Buffer } | { over: true } | { failed: Error }): void => {
+      request.off('data', onData);
+      request.off('end', onEnd);
+      request.off('error', onError);
+      request.off('close', onClose);
+      if (!('body' in result)) request.pause();
+      resolve(result);
+    };
+    const onData = (chunk: Buffer): void => {
+      bytes += chunk.length;
+      if (bytes > requestBodyBytesMax) finish({ over: true });
+      else if (keep) chunks.push(chunk);
+    };
+    const onEnd = (): void => finish({ body: Buffer.concat(chunks) });
+    const onError = (error: Error): void => finish({ failed: error });
+    const onClose = (): void => finish({ failed: new Error('the request was closed before its body ended') });
+    request.on('data', onData);
+    request.once('end', onEnd);
+    request.once('error', onError);
+    request.once('close', onClose);
+  });
+}
+
 async function readBody(request: http.IncomingMessage): Promise<unknown> {
-  const chunks: Buffer[] = [];
-  let bytes = 0;
-  for await (const chunk of request) {
-    bytes += (chunk as Buffer).length;
-    if (bytes > requestBodyBytesMax) throw new ApiError(413, 'too-large', `The request body is over ${requestBodyBytesMax} bytes`);
-    chunks.push(chunk as Buffer);
-  }
-  if (bytes === 0) return {};
+  const received = await receiveBody(request, true);
+  if ('over' in received) throw new ApiError(413, 'too-large', `The request body is over ${requestBodyBytesMax} bytes`, true);
+  if ('failed' in received) throw received.failed;
+  if (received.body.length === 0) return {};
   let parsed: unknown;
   try {
-    parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    parsed = JSON.parse(received.body.toString('utf8'));
   } catch {
     throw new ApiError(400, 'bad-json', 'The request body is not valid JSON');
   }
@@ -85,6 +118,13 @@ function numberField(body: unknown, name: string, minimum: number, maximum = Num
     throw new ApiError(400, 'bad-request', `'${name}' must be a whole number from ${minimum} to ${maximum}`);
   }
   return value;
+}
+
+/** Sends `body` as JSON; `closeConnection` when the request's body was not read to its end. */
+function answer(response: http.ServerResponse, status: number, body: unknown, headers: Record<string, string>, closeConnection: boolean): void {
+  const text = JSON.stringify(body, null, 2) + '\n';
+  response.writeHead(status, { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(text)), ...headers, ...(closeConnection ? { connection: 'close' } : {}) });
+  response.end(text);
 }
 
 /** Decodes a percent-encoded path segment; a malformed escape is a 400. */
@@ -104,7 +144,9 @@ export class ControlApi {
 
   constructor(private readonly appliance: Appliance, private readonly logger: Logger) {
     this.requestsInFlightMax = appliance.config.control.requestsInFlightMax;
-    this.server = http.createServer({ requestTimeout: requestReceiveMsMax }, (request, response) => void this.handle(request, response));
+    // The server checks requestTimeout every connectionsCheckingInterval (30 s by default, which
+    // would let a request hold its place for up to twice requestReceiveMsMax).
+    this.server = http.createServer({ requestTimeout: requestReceiveMsMax, connectionsCheckingInterval: requestTimeoutCheckMs }, (request, response) => void this.handle(request, response));
   }
 
   /** Requests being handled now. */
@@ -131,23 +173,20 @@ export class ControlApi {
 
   private async handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
     if (this.inFlight >= this.requestsInFlightMax) {
-      // Refused before its body is read; the connection closes, so an unread body is not parsed as a next request.
-      const text = JSON.stringify({
-        error: {
-          code: 'limit-reached',
-          message: `Appliance '${this.appliance.config.appliance.name}' is handling ${this.inFlight} of its ${this.requestsInFlightMax} control requests at once (control.requestsInFlightMax); try again in a moment`,
-        },
-      }, null, 2) + '\n';
-      response.writeHead(429, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), 'retry-after': String(retryAfterSeconds), connection: 'close' });
-      response.end(text);
+      // Refused before anything is done; its body is read and dropped first (see receiveBody).
+      const message = `Appliance '${this.appliance.config.appliance.name}' is handling ${this.inFlight} of its ${this.requestsInFlightMax} control requests at once (control.requestsInFlightMax); try again in a moment`;
+      const received = await receiveBody(request, false);
+      answer(response, 429, { error: { code: 'limit-reached', message } }, { 'retry-after': String(retryAfterSeconds) }, !('body' in received));
       return;
     }
     this.inFlight++;
     let status = 200;
     let body: unknown;
+    let closeConnection = false;
     try {
       body = await this.route(request);
     } catch (error) {
+      if (error instanceof ApiError) closeConnection = error.closeConnection;
       if (error instanceof LimitReached) {
         status = 409;
         body = { error: { code: 'limit-reached', message: error.message } };
@@ -162,16 +201,16 @@ export class ControlApi {
         status = 500;
         body = { error: { code: 'not-recorded', message: error.message } };
       } else {
+        const message = error instanceof Error ? error.message : String(error);
         status = 500;
-        body = { error: { code: 'internal', message: (error as Error).message } };
-        this.logger.error('control API request failed', { method: request.method, url: request.url, error: (error as Error).message });
+        body = { error: { code: 'internal', message } };
+        this.logger.error('control API request failed', { method: request.method, url: request.url, error: message });
       }
+    } finally {
+      // Counted out before the answer leaves: a caller that has its answer finds the place free.
+      this.inFlight--;
     }
-    // Counted out before the answer leaves: a caller that has its answer finds the place free.
-    this.inFlight--;
-    const text = JSON.stringify(body, null, 2) + '\n';
-    response.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-    response.end(text);
+    answer(response, status, body, {}, closeConnection);
   }
 
   private async route(request: http.IncomingMessage): Promise<unknown> {

@@ -185,41 +185,83 @@ test('1,000 view requests against a target: at most the limits succeed (views pe
   assert.equal(await target.stop(), 0, target.logs().slice(-4000));
 });
 
-/** An HTTP request whose headers are sent and whose body is held back, so that it stays in flight at the server. */
-class HeldRequest {
-  private readonly socket: net.Socket;
-  private answer = '';
-  private readonly closed: Promise<void>;
+/**
+ * A raw HTTP/1.1 connection to the control API, for what fetch hides: when an answer comes while a
+ * body is held back, which answers one connection carries, and whether the server closes it.
+ */
+class RawConnection {
+  private received = Buffer.alloc(0);
+  private wake: (() => void) | undefined;
+  isClosed = false;
 
-  private constructor(socket: net.Socket, private readonly rest: string) {
-    this.socket = socket;
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => (this.answer += chunk));
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  private constructor(private readonly socket: net.Socket) {
+    socket.on('data', (chunk: Buffer) => {
+      this.received = Buffer.concat([this.received, chunk]);
+      this.wake?.();
+    });
+    // A server that closes with bytes of ours unread resets the connection; what it sent before stays readable.
+    socket.on('error', () => undefined);
+    socket.once('close', () => {
+      this.isClosed = true;
+      this.wake?.();
+    });
   }
 
-  static async open(control: string, route: string, body: string): Promise<HeldRequest> {
+  static async open(control: string): Promise<RawConnection> {
     const url = new URL(control);
     const socket = net.connect(Number(url.port), url.hostname);
     await new Promise((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', reject);
     });
-    // Everything but the body's last byte.
-    socket.write(`POST ${route} HTTP/1.1\r\nhost: ${url.host}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body.slice(0, -1)}`);
-    return new HeldRequest(socket, body.slice(-1));
+    return new RawConnection(socket);
   }
 
-  /** Sends the rest of the body; resolves with the response's status line once the server has answered and closed. */
-  async finish(): Promise<string> {
-    this.socket.write(this.rest);
-    await this.closed;
-    return this.answer.split('\r\n')[0]!;
+  /** The head of a request with a JSON body of `bodyBytes`. */
+  static head(method: string, route: string, bodyBytes: number): string {
+    return `${method} ${route} HTTP/1.1\r\nhost: appliance\r\ncontent-type: application/json\r\ncontent-length: ${bodyBytes}\r\n\r\n`;
+  }
+
+  send(data: string | Buffer): void {
+    this.socket.write(data);
+  }
+
+  /** The next whole answer on the connection; fails if the connection closes first. */
+  async answer(): Promise<{ status: number; headers: Record<string, string>; body: string }> {
+    for (;;) {
+      const headEnd = this.received.indexOf('\r\n\r\n');
+      if (headEnd >= 0) {
+        const lines = this.received.subarray(0, headEnd).toString('latin1').split('\r\n');
+        const headers: Record<string, string> = {};
+        for (const line of lines.slice(1)) headers[line.slice(0, line.indexOf(':')).toLowerCase()] = line.slice(line.indexOf(':') + 1).trim();
+        const end = headEnd + 4 + Number(headers['content-length'] ?? 0);
+        if (this.received.length >= end) {
+          const body = this.received.subarray(headEnd + 4, end).toString('utf8');
+          this.received = this.received.subarray(end);
+          return { status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(lines[0]!)?.[1]), headers, body };
+        }
+      }
+      if (this.isClosed) throw new Error(`the server closed the connection before a whole answer (received: ${JSON.stringify(this.received.toString('latin1').slice(0, 200))})`);
+      await new Promise<void>((resolve) => (this.wake = resolve));
+    }
   }
 
   destroy(): void {
     this.socket.destroy();
   }
+}
+
+/** An HTTP request whose head is sent and whose body is held back by a byte, so that it stays in flight at the server. */
+async function holdRequest(control: string, route: string, body: string): Promise<{ connection: RawConnection; finish(): Promise<number> }> {
+  const connection = await RawConnection.open(control);
+  connection.send(RawConnection.head('POST', route, Buffer.byteLength(body)) + body.slice(0, -1));
+  return {
+    connection,
+    async finish() {
+      connection.send(body.slice(-1));
+      return (await connection.answer()).status;
+    },
+  };
 }
 
 test('control API: past control.requestsInFlightMax requests in flight a request gets 429 limit-reached naming the limit, and a finished request frees its place; the body size limit holds', async (t) => {
@@ -231,14 +273,14 @@ test('control API: past control.requestsInFlightMax requests in flight a request
   t.after(() => target.kill());
   // A view request with no such volume: answered 409 once its body is complete.
   const body = JSON.stringify({ volume: 'no-such-volume', latest: true });
-  const held: HeldRequest[] = [];
-  t.after(() => held.forEach((request) => request.destroy()));
+  const held: Awaited<ReturnType<typeof holdRequest>>[] = [];
+  t.after(() => held.forEach((request) => request.connection.destroy()));
   const inFlight = async (): Promise<number> => (await target.api<ApplianceStatus>('GET', '/v1/status')).limits.controlRequests.inFlight;
 
-  for (let index = 0; index < requestsInFlightMax - 1; index++) held.push(await HeldRequest.open(target.control, '/v1/groups/pg1/views', body));
+  for (let index = 0; index < requestsInFlightMax - 1; index++) held.push(await holdRequest(target.control, '/v1/groups/pg1/views', body));
   // The status request is the last place: three held and itself.
   await waitFor('the held requests to be in flight', 30_000, async () => ((await inFlight()) === requestsInFlightMax ? true : undefined), 20);
-  held.push(await HeldRequest.open(target.control, '/v1/groups/pg1/views', body));
+  held.push(await holdRequest(target.control, '/v1/groups/pg1/views', body));
   const refused = await waitFor('a request past the limit to be refused', 30_000, async () => {
     const answer = await call(target, 'GET', '/v1/status');
     return answer.status === 429 ? answer : undefined;
@@ -248,19 +290,40 @@ test('control API: past control.requestsInFlightMax requests in flight a request
   assert.equal(refused.headers.get('retry-after'), '1');
   // Refused before anything is done: a view request past the limit opens nothing.
   assert.equal((await call(target, 'POST', '/v1/groups/pg1/views', { volume: 'disk0', latest: true })).status, 429);
+  // A refused request's body (up to the body limit) is read before the answer: the connection
+  // then serves the client's next request (asked below, once there is room).
+  const refusedConnection = await RawConnection.open(target.control);
+  t.after(() => refusedConnection.destroy());
+  const paddedBody = JSON.stringify({ volume: 'disk0', latest: true, pad: 'x'.repeat(requestBodyBytesMax - 100) });
+  refusedConnection.send(RawConnection.head('POST', '/v1/groups/pg1/views', Buffer.byteLength(paddedBody)) + paddedBody);
+  const refusedRaw = await refusedConnection.answer();
+  assert.equal(refusedRaw.status, 429, refusedRaw.body);
+  assert.equal(refusedRaw.headers['connection'], 'keep-alive');
 
   // One finishes (its answer is the 409 of the unknown volume): its place is free from then on.
-  assert.match(await held.shift()!.finish(), /^HTTP\/1\.1 409 /);
+  assert.equal(await held.shift()!.finish(), 409);
   assert.equal(await inFlight(), requestsInFlightMax, 'three held and the status request');
-  for (const request of held.splice(0)) assert.match(await request.finish(), /^HTTP\/1\.1 409 /);
+  for (const request of held.splice(0)) assert.equal(await request.finish(), 409);
   assert.equal(await inFlight(), 1);
   const views = await target.api<{ views: ViewListing[] }>('GET', '/v1/groups/pg1/views');
   assert.deepEqual(views.views, [], 'no request past the limit opened a view');
+  refusedConnection.send('GET /v1/status HTTP/1.1\r\nhost: appliance\r\n\r\n');
+  assert.equal((await refusedConnection.answer()).status, 200, 'the connection of a refused request serves the next one');
 
-  // The body limit stays: a body over it is refused with 413.
+  // The body limit stays: a body over it is refused with 413, and as the rest of that body is not
+  // read, the answer closes the connection (left open, it would hang: nothing reads it any more).
   const tooLarge = await call(target, 'POST', '/v1/groups/pg1/views', JSON.stringify({ volume: 'disk0', latest: true, pad: 'x'.repeat(requestBodyBytesMax) }));
   assert.equal(tooLarge.status, 413);
   assert.equal(tooLarge.body.error?.code, 'too-large');
+  const overConnection = await RawConnection.open(target.control);
+  t.after(() => overConnection.destroy());
+  overConnection.send(RawConnection.head('POST', '/v1/groups/pg1/views', 4 * requestBodyBytesMax) + 'x'.repeat(4 * requestBodyBytesMax));
+  const over = await overConnection.answer();
+  assert.equal(over.status, 413, over.body);
+  assert.equal(over.headers['connection'], 'close');
+  await waitFor('the server to close the connection after its 413', 10_000, () => overConnection.isClosed || undefined);
+  // Clients that reuse connections go on being served.
+  for (let index = 0; index < 3; index++) assert.equal((await call(target, 'GET', '/v1/status')).status, 200);
   assert.equal(await target.stop(), 0);
 });
 
