@@ -697,7 +697,15 @@ export class Appliance {
     await this.protectionChanges;
     await this.controlChangesWriting;
     if (this.nbd) await this.nbd.close();
-    for (const name of [...this.views.keys()]) await this.closeView(name);
+    // A view that cannot be closed (its scratch file cannot be removed) must not keep the others
+    // open, nor the groups from stopping and the journals from closing cleanly.
+    for (const name of [...this.views.keys()]) {
+      try {
+        await this.closeView(name);
+      } catch (error) {
+        this.logger.error('cannot close recovery view', { view: name, error: error instanceof Error ? error.message : String(error) });
+      }
+    }
     await Promise.all([...this.sources.values()].map((source) => source.stop(stopDrainMsMax)));
     // No new connections, then end the sessions: the server's close completes only once its
     // connections have ended, so waiting for it before the receiver closes them never ends.

@@ -381,3 +381,42 @@ test('control API answers bad requests clearly: views of another or an unknown g
   await refusal(call(target, 'GET', '/v1/groups/pg%ZZ'), 400, 'bad-path', /The path segment 'pg%ZZ' holds a malformed percent escape/);
   await refusal(call(target, 'DELETE', '/v1/groups/pg1/views/%E0%A4%A'), 400, 'bad-path', /malformed percent escape/);
 });
+
+/** Files under `dir` (recursively) whose name matches `pattern`. */
+function findFiles(dir: string, pattern: RegExp): string[] {
+  const out: string[] = [];
+  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    const full = path.join(dir, entry.name);
+    if (entry.isDirectory()) out.push(...findFiles(full, pattern));
+    else if (pattern.test(entry.name)) out.push(full);
+  }
+  return out;
+}
+
+test('a view that cannot be closed does not stop the others from closing: the appliance still stops cleanly, every other view closed (its scratch removed)', async (t) => {
+  const dir = makeTempDir('lifeline-limits-stop-');
+  const sites = await makeTwoSites(dir, { volumeBytes: 16 * MiB });
+  const target = await startAppliance({ dataDir: sites.targetDataDir, configPath: sites.targetConfigPath });
+  t.after(() => target.kill());
+  const nbdAddress = new URL(target.nbd!);
+  const names: string[] = [];
+  for (let index = 0; index < 3; index++) {
+    const { name } = await target.api<{ name: string }>('POST', '/v1/groups/pg1/views', { volume: 'disk0', latest: true });
+    names.push(name);
+    // A test write gives the view its scratch file.
+    const client = await NbdClient.connect({ host: nbdAddress.hostname, port: Number(nbdAddress.port) }, { exportName: name });
+    await client.pwrite(Buffer.alloc(4096, index + 1), 0);
+    await client.disconnect();
+  }
+  const scratch = names.map((name) => {
+    const found = findFiles(sites.targetDataDir, new RegExp(`^scratch-${name}\\.tmp$`));
+    assert.equal(found.length, 1, `the scratch file of ${name}`);
+    return found[0]!;
+  });
+  // The first view's scratch is gone (removed by hand): closing that view fails.
+  fs.rmSync(scratch[0]!);
+  assert.equal(await target.stop(), 0, target.logs().slice(-4000));
+  assert.match(target.logs(), new RegExp(`cannot close recovery view[^\\n]*${names[0]}`));
+  for (const file of scratch.slice(1)) assert.ok(!fs.existsSync(file), `${path.basename(file)} is removed: its view was closed`);
+  assert.match(target.logs(), /"message":"stopped"/);
+});
