@@ -410,3 +410,27 @@ test('a view at a checkpoint of a new epoch includes what an earlier epoch of th
   assert.ok(bytes.subarray(512).equals(Buffer.alloc(512, 0x22)));
   await closeTestJournal(opened);
 });
+
+test('damage in a record already promoted (its unit still holds newer ones) costs nothing: open goes on from the first record not promoted', async () => {
+  const { disk, config, opened, clock } = await fixture({ unitBytes: 16384, historyMs: 1000 });
+  const start = clock.timeMs;
+  for (let sequence = 1; sequence <= 6; sequence++) await opened.journal.append([{ ...write(0, sequence), timeMs: start + sequence * 100 }]);
+  clock.timeMs = start + 1350;
+  await opened.journal.tick();
+  assert.equal(opened.journal.watermarkLsn, 3, 'records 1..3 aged out and were promoted');
+  await closeTestJournal(opened);
+  const unitPath = [...disk.listFiles().keys()].filter((name) => name.endsWith('.unit')).sort()[0]!;
+  const file = await disk.open(unitPath, 'write');
+  await file.pwrite(Buffer.from([0xee]), 576 + 100);
+  const reopened = await openTestJournal(config);
+  const { journal } = reopened;
+  assert.equal(journal.openReport.damage, undefined);
+  assert.deepEqual(journal.openReport.promotedDamage, { unit: 1, position: 576, reason: 'checksum mismatch in record lsn 2' });
+  assert.equal(journal.lsnDurable, 6, 'nothing after the promoted damage is cut');
+  const view = await journal.openView({ volume: 1, at: { timeMs: start + 600 }, scratchBytesMax: 0 });
+  const bytes = Buffer.alloc(512);
+  await view.read(bytes, 0);
+  await view.close();
+  assert.ok(bytes.equals(Buffer.alloc(512, 6)));
+  await closeTestJournal(reopened);
+});

@@ -38,7 +38,7 @@ import {
   type CheckpointMarker,
   type RecordKindName,
 } from './record.js';
-import { judgeEnd, scanPastEnd, scanUnits, type PastEnd } from './scan.js';
+import { judgeEnd, scanPastEnd, scanUnits, type PastEnd, type ScanOptions } from './scan.js';
 import { RecoveryView, type ViewHost } from './view.js';
 
 /** Streams and volumes are 16-bit in the index. */
@@ -199,6 +199,17 @@ interface CheckpointState {
   markers: Map<number, { sequence: number; lsn: number; timeMs: number }>;
 }
 
+/**
+ * The losses the metadata keeps: every unhealed one, and the newest healed ones up to
+ * `lossesKeptMax` in all (a healed loss still refuses the points inside it while they are in the window).
+ */
+function keepLosses(losses: JournalLoss[]): JournalLoss[] {
+  const healed = losses.filter((loss) => loss.healedTimeMs !== undefined);
+  const room = Math.max(0, lossesKeptMax - (losses.length - healed.length));
+  const keptHealed = new Set(healed.slice(-room));
+  return losses.filter((loss) => loss.healedTimeMs === undefined || keptHealed.has(loss));
+}
+
 /** Where a loss was found, for messages. */
 export function describeLossPlace(loss: JournalLoss): string {
   return `the log ended in unit ${loss.unit} at offset ${loss.position}: ${loss.reason}`;
@@ -283,7 +294,15 @@ export class Journal {
   private readonly activeAlerts = new Map<JournalAlertCondition, JournalAlert>();
   private closed = false;
   /** What open found and did (for the caller's log). */
-  readonly openReport: { recordsScanned: number; cut?: { unit: number; position: number; reason: string }; damage?: JournalLoss; promotionResumed: boolean; unitsDiscarded: number } = {
+  readonly openReport: {
+    recordsScanned: number;
+    cut?: { unit: number; position: number; reason: string };
+    damage?: JournalLoss;
+    /** Damage in records already promoted, passed over (nothing of it is needed). */
+    promotedDamage?: { unit: number; position: number; reason: string };
+    promotionResumed: boolean;
+    unitsDiscarded: number;
+  } = {
     recordsScanned: 0,
     promotionResumed: false,
     unitsDiscarded: 0,
@@ -368,25 +387,41 @@ export class Journal {
     for (const [stream, sequence] of Object.entries(meta.streamsPromoted)) this.streamsDurable.set(Number(stream), sequence);
     /** Source time of each stream's last record kept (for a loss: from when points are not images of the source). */
     const streamLastTimeMs = new Map<number, number>();
-    const scan = await scanUnits({
-      fileSystem: this.fileSystem,
-      units: live,
-      unitBytes: this.unitBytes,
-      generationMin: 0,
-      onRecord: (header, unit, position, data) => {
-        if (header.lsn <= meta.watermarkLsn) {
-          // Promoted but still in a unit not yet released: not indexed.
-          return;
-        }
-        if (header.lsn !== this.index.lastLsn + 1) {
-          throw new JournalDamagedError(this.name, `record ${this.index.lastLsn + 1} is missing (found ${header.lsn} in unit ${unit} at ${position})`);
-        }
-        this.index.add(header, unit, position);
-        this.streamsDurable.set(header.stream, header.sequence);
-        streamLastTimeMs.set(header.stream, header.timeMs);
-        if (header.kind === RecordKind.checkpoint && data) this.noteMarker(header.stream, header.sequence, header.lsn, header.timeMs, data);
-      },
-    });
+    const onRecord: ScanOptions['onRecord'] = (header, unit, position, data) => {
+      if (header.lsn <= meta.watermarkLsn) {
+        // Promoted but still in a unit not yet released: not indexed.
+        return;
+      }
+      if (header.lsn !== this.index.lastLsn + 1) {
+        throw new JournalDamagedError(this.name, `record ${this.index.lastLsn + 1} is missing (found ${header.lsn} in unit ${unit} at ${position})`);
+      }
+      this.index.add(header, unit, position);
+      this.streamsDurable.set(header.stream, header.sequence);
+      streamLastTimeMs.set(header.stream, header.timeMs);
+      if (header.kind === RecordKind.checkpoint && data) this.noteMarker(header.stream, header.sequence, header.lsn, header.timeMs, data);
+    };
+    let scan = await scanUnits({ fileSystem: this.fileSystem, units: live, unitBytes: this.unitBytes, generationMin: 0, onRecord });
+    const stopUnit = scan.units[scan.units.length - 1];
+    if (stopUnit && scan.lsnLast < meta.watermarkLsn) {
+      // The log stopped inside records already promoted (damage there costs nothing): go on from the
+      // first record not promoted, wherever it lies, rather than cut everything after it.
+      const found = await scanPastEnd({
+        fileSystem: this.fileSystem,
+        units: [{ ref: stopUnit, from: stopUnit.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))],
+        unitBytes: this.unitBytes,
+        lsnAfter: meta.watermarkLsn,
+        generationMin: 0,
+      });
+      const first = found.first;
+      if (first && first.lsn === meta.watermarkLsn + 1) {
+        const rest = await scanUnits({ fileSystem: this.fileSystem, units: live.filter((unit) => unit.number >= first.unit), unitBytes: this.unitBytes, lsnFirst: first.lsn, generationMin: 0, fromPosition: first.position, onRecord });
+        const promotedOnly = live
+          .filter((unit) => unit.number < first.unit)
+          .map((unit) => ({ number: unit.number, path: unit.path, records: 0, firstLsn: 0, lastLsn: 0, endPosition: this.unitBytes, stopReason: 'holds promoted records only', timeMsMin: Infinity, timeMsMax: -Infinity }));
+        this.openReport.promotedDamage = { unit: stopUnit.number, position: stopUnit.endPosition, reason: stopUnit.stopReason };
+        scan = { ...rest, units: [...promotedOnly, ...rest.units] };
+      }
+    }
     this.openReport.recordsScanned = scan.units.reduce((sum, unit) => sum + unit.records, 0);
     const firstScanned = scan.units.find((unit) => unit.records > 0);
     if (firstScanned && firstScanned.firstLsn > meta.watermarkLsn + 1) {
@@ -425,8 +460,22 @@ export class Journal {
         loss.reason += `; a promotion into the replicas was under way to lsn ${meta.promotingToLsn}, so they may hold part of the lost records`;
         meta.promotingToLsn = lsnEnd;
       }
-      const losses = (meta.losses ?? []).filter((earlier) => !(earlier.lsnFirst === loss.lsnFirst && earlier.kind === loss.kind && earlier.healedTimeMs === undefined));
-      meta.losses = [...losses, loss].slice(-lossesKeptMax);
+      // The same loss found again (a crash came before the cut was finished) is merged, never narrowed.
+      const again = (meta.losses ?? []).find((earlier) => earlier.lsnFirst === loss.lsnFirst && earlier.kind === loss.kind && earlier.healedTimeMs === undefined);
+      if (again) {
+        loss.id = again.id;
+        loss.lsnLast = Math.max(loss.lsnLast, again.lsnLast);
+        loss.timeMsFrom = Math.min(loss.timeMsFrom, again.timeMsFrom);
+        loss.streamsUnknown ||= again.streamsUnknown;
+        for (const entry of again.streams) if (!loss.streams.some((candidate) => candidate.stream === entry.stream)) loss.streams.push(entry);
+        for (const checkpoint of again.checkpoints) if (!loss.checkpoints.some((candidate) => candidate.id === checkpoint.id)) loss.checkpoints.push(checkpoint);
+        if (again.replicasTouched) {
+          loss.replicasTouched = true;
+          loss.timeMsFrom = 0;
+        }
+        if (again.reason.length > loss.reason.length && again.reason.startsWith(loss.reason)) loss.reason = again.reason;
+      }
+      meta.losses = keepLosses([...(meta.losses ?? []).filter((earlier) => earlier !== again), loss]);
       // Recorded before anything past the end is cleared: a crash in between finds the same loss again.
       meta.lsnCommitted = lsnEnd;
       delete meta.lsnClosed;
@@ -558,10 +607,15 @@ export class Journal {
    * points at or after `healedTimeMs` (source time) are images of the source again.
    */
   async lossHealed(id: string, healedTimeMs: number): Promise<void> {
-    const loss = this.meta.losses?.find((candidate) => candidate.id === id);
-    if (!loss || loss.healedTimeMs !== undefined) return;
-    this.meta.losses = this.meta.losses!.map((candidate) => (candidate === loss ? { ...candidate, healedTimeMs } : candidate));
-    await this.persist();
+    // On the promotion queue, like every other metadata write after open.
+    const run = this.promotion.then(async () => {
+      const loss = this.meta.losses?.find((candidate) => candidate.id === id);
+      if (!loss || loss.healedTimeMs !== undefined) return;
+      this.meta.losses = this.meta.losses!.map((candidate) => (candidate === loss ? { ...candidate, healedTimeMs } : candidate));
+      await this.persist();
+    });
+    this.promotion = run.catch(() => {});
+    await run;
   }
 
   // ---- units -------------------------------------------------------------
@@ -861,13 +915,14 @@ export class Journal {
   }
 
   /** Every checkpoint marker record the journal holds (not promoted), in lsn order. */
-  markerRecords(): { id: string; kind: string; name?: string; stream: number; lsn: number; timeMs: number }[] {
-    const out: { id: string; kind: string; name?: string; stream: number; lsn: number; timeMs: number }[] = [];
+  markerRecords(): { id: string; kind: string; name?: string; heal?: string; stream: number; lsn: number; timeMs: number }[] {
+    const out: { id: string; kind: string; name?: string; heal?: string; stream: number; lsn: number; timeMs: number }[] = [];
     for (const [id, state] of this.checkpointStates) {
       for (const [stream, marker] of state.markers) {
         if (marker.lsn <= this.meta.watermarkLsn) continue;
-        const record: { id: string; kind: string; name?: string; stream: number; lsn: number; timeMs: number } = { id, kind: state.marker.kind, stream, lsn: marker.lsn, timeMs: marker.timeMs };
+        const record: { id: string; kind: string; name?: string; heal?: string; stream: number; lsn: number; timeMs: number } = { id, kind: state.marker.kind, stream, lsn: marker.lsn, timeMs: marker.timeMs };
         if (state.marker.name !== undefined) record.name = state.marker.name;
+        if (state.marker.heal !== undefined) record.heal = state.marker.heal;
         out.push(record);
       }
     }
@@ -1141,6 +1196,18 @@ export class Journal {
 
   get generation(): number {
     return this.meta.generation;
+  }
+
+  /**
+   * Source time of the newest record of `stream` the journal holds (an upper bound, the newest
+   * promoted time, when all of it was promoted); undefined when it holds nothing of it.
+   */
+  streamNewestTimeMs(stream: number): number | undefined {
+    for (let lsn = this.durableLsn; lsn > this.meta.watermarkLsn && lsn >= this.index.baseLsn; lsn--) {
+      const { chunk, at } = this.index.locate(lsn);
+      if (chunk.stream[at] === stream) return chunk.timeMs[at]!;
+    }
+    return this.streamPromoted(stream) > 0 ? this.meta.promotedTimeMsMax : undefined;
   }
 
   streamPromoted(stream: number): number {

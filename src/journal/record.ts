@@ -99,8 +99,10 @@ export function encodeHeaderAt(target: Buffer, at: number, fields: RecordFields,
   if (!(commitLsn >= 0 && commitLsn < fields.lsn || fields.lsn === 0)) throw new Error(`assertion: commit point ${commitLsn} is not below lsn ${fields.lsn}`);
   target.writeUInt16LE(fields.volume, at + 48);
   target.writeUInt16LE(fields.stream, at + 50);
-  // A distance past 32 bits is stored as the largest one: a claim lower than the truth, never higher.
-  target.writeUInt32LE(Math.min(0xffff_ffff, fields.lsn - commitLsn), at + 52);
+  // A distance past 32 bits (never seen: at most half a unit is unacknowledged) is stored as 0, no
+  // claim: a smaller distance would claim more than was committed.
+  const distance = fields.lsn - commitLsn;
+  target.writeUInt32LE(distance > 0xffff_ffff ? 0 : distance, at + 52);
   target.writeUInt32LE(fields.lengthBytes, at + 56);
   let crc = native.crc32c(target.subarray(at, at + 60), 0);
   if (data && data.length > 0) crc = native.crc32c(data, crc);
@@ -148,6 +150,8 @@ export interface CheckpointMarker {
   name?: string;
   /** Every stream of the group at the time; the checkpoint is recoverable once each has its marker durable. */
   streams: number[];
+  /** A sync's begin marker: the token of the loss window at the target that this sync heals. */
+  heal?: string;
 }
 
 export function encodeMarker(marker: CheckpointMarker): Buffer {

@@ -26,6 +26,17 @@ class WindowReader {
     }
     return this.window.subarray(position - this.windowStart, position - this.windowStart + lengthBytes);
   }
+
+  /**
+   * The bytes from `position` to the end of the current window when at least `lengthBytes` of them
+   * are there, else a new window from `position` (a search steps through a window without reading
+   * it again at every step).
+   */
+  async readAvailable(position: number, lengthBytes: number): Promise<Buffer | undefined> {
+    const end = this.windowStart + this.window.length;
+    if (position >= this.windowStart && position + lengthBytes <= end) return this.window.subarray(position - this.windowStart);
+    return this.read(position, Math.min(scanWindowBytes, this.fileBytes - position));
+  }
 }
 
 export interface UnitRef {
@@ -65,6 +76,8 @@ export interface ScanOptions {
   /** Called for every valid record; `data` only for checkpoint markers unless `withData`. */
   onRecord(header: RecordHeader, unit: number, position: number, data: Buffer | undefined): void;
   withData?: boolean;
+  /** Where the first unit's scan starts (default: its beginning). */
+  fromPosition?: number;
 }
 
 interface UnitCursor {
@@ -84,7 +97,7 @@ export async function scanUnits(options: ScanOptions): Promise<ScanResult> {
     const file = await fileSystem.open(ref.path, 'read');
     const cursor: UnitCursor = { reader: new WindowReader(file, Math.min(unitBytes, await file.sizeBytes())), close: () => file.close() };
     const unit: ScannedUnit = { ...ref, records: 0, firstLsn: 0, lastLsn: 0, endPosition: 0, stopReason: '', timeMsMin: Infinity, timeMsMax: -Infinity };
-    let position = 0;
+    let position = index === 0 ? options.fromPosition ?? 0 : 0;
     try {
       for (;;) {
         const raw = await cursor.reader.read(position, recordHeaderBytes);
@@ -222,8 +235,7 @@ export async function scanPastEnd(options: PastEndOptions): Promise<PastEnd> {
       const reader = new WindowReader(file, fileBytes);
       let position = from;
       while (position + recordHeaderBytes <= fileBytes) {
-        const chunkBytes = Math.min(scanWindowBytes, fileBytes - position);
-        const chunk = await reader.read(position, chunkBytes);
+        const chunk = await reader.readAvailable(position, recordHeaderBytes);
         if (!chunk) break;
         const found = chunk.indexOf(magicBytes);
         if (found < 0) {

@@ -26,7 +26,31 @@ export async function readStateFile<T>(fileSystem: JournalFileSystem, filePath: 
   return JSON.parse(body) as T;
 }
 
-export async function writeStateFile(fileSystem: JournalFileSystem, filePath: string, value: unknown): Promise<void> {
+/** Writes under way, per file system and path: two writers of one file would share its temporary file. */
+const writesUnderWay = new WeakMap<JournalFileSystem, Map<string, Promise<void>>>();
+
+/**
+ * Replaces the file atomically. Writes of the same file are serialised, in call order: two at once
+ * would write one temporary file together and rename it twice (a torn or failed replacement).
+ */
+export function writeStateFile(fileSystem: JournalFileSystem, filePath: string, value: unknown): Promise<void> {
+  let writes = writesUnderWay.get(fileSystem);
+  if (!writes) {
+    writes = new Map();
+    writesUnderWay.set(fileSystem, writes);
+  }
+  const byPath = writes;
+  const previous = byPath.get(filePath) ?? Promise.resolve();
+  const run = previous.then(() => writeNow(fileSystem, filePath, value));
+  const settled = run.then(() => undefined, () => undefined);
+  byPath.set(filePath, settled);
+  void settled.then(() => {
+    if (byPath.get(filePath) === settled) byPath.delete(filePath);
+  });
+  return run;
+}
+
+async function writeNow(fileSystem: JournalFileSystem, filePath: string, value: unknown): Promise<void> {
   const body = JSON.stringify(value);
   const crc = native.crc32c(Buffer.from(body, 'utf8'), 0) >>> 0;
   const directory = path.dirname(filePath);
