@@ -301,7 +301,7 @@ export class SourceGroup {
   /** The sequence of the last `sync-end` marker this group queued (0: none yet). */
   private syncEndSequenceLast = 0;
   /** A sync's end marker, and what its acknowledgement settles in the group's state (persisted then). */
-  private syncEndPending: { sequence: number; settles: SyncSettles } | undefined;
+  private syncEndPending: { sequence: number; settles: SyncSettles; started: number } | undefined;
   private stateWriting: Promise<void> = Promise.resolve();
   private maintenanceTimer: ReturnType<Scheduler['setTimer']> | undefined;
   /**
@@ -339,6 +339,7 @@ export class SourceGroup {
 
   private makeShipper(sequenceBase: number, lossReported?: LossReported, previousEpoch?: PreviousEpoch): Shipper {
     const options = this.options;
+    this.shipperCarries = lossReported ?? previousEpoch;
     return new Shipper({
       hello: {
         site: options.site,
@@ -367,15 +368,45 @@ export class SourceGroup {
   }
 
   /** The target lost entries it had acknowledged, while this group was waiting for them to be healed (cleared when the owed delta sync is acknowledged). */
-  private targetLoss: { message: string; sinceMs: number } | undefined;
+  private targetLoss: { message: string; sinceMs: number; syncsStartedAtLoss: number } | undefined;
+  /** The target's token for the heal (from its WELCOME): the begin marker of a sync of every volume that starts after it carries it. */
+  private healToken: string | undefined;
+  /** Syncs started in this run; a loss is healed only by a sync of every volume started after it was noted. */
+  private syncsStarted = 0;
+  /** What the current shipper's HELLO carried of an earlier epoch (a reported loss or the previous epoch's acknowledgement). */
+  private shipperCarries: PreviousEpoch | undefined;
   /** Source time from which the target lacks entries it had acknowledged (the RPO counts from it until the heal is acknowledged). */
   private lossOldestTimeMs: number | undefined;
-  private healing = false;
-
   private noteTargetLoss(message: string): void {
-    if (this.targetLoss) return;
-    this.targetLoss = { message, sinceMs: this.options.scheduler.nowMs() };
+    // A loss noted again while an earlier one heals restarts the heal: only a sync begun after it counts.
+    const syncsStartedAtLoss = this.syncsStarted;
+    if (this.targetLoss) {
+      this.targetLoss.syncsStartedAtLoss = syncsStartedAtLoss;
+      return;
+    }
+    this.targetLoss = { message, sinceMs: this.options.scheduler.nowMs(), syncsStartedAtLoss };
     this.options.logger.error('the target lost entries it had acknowledged: a delta sync heals them', { group: this.name, reason: message });
+  }
+
+  /**
+   * Owes the sync that heals a loss at the target: a delta sync of every volume, or, before the
+   * initial sync is done, a resync of every volume after the one under way (it may have begun before
+   * the loss). A delta sync that waits to start will do; one running began before the loss.
+   */
+  private async oweHeal(message: string): Promise<void> {
+    if (!this.state.initialSyncDone) {
+      this.resyncPending.push(...this.everyVolume());
+      this.resyncFollowUp = mergeSettles(this.resyncFollowUp, { initial: true, delta: undefined });
+      this.resyncPendingReason ??= message;
+      return;
+    }
+    if (this.deltaSyncWaiting()) return;
+    try {
+      await this.oweDeltaSync(message);
+    } catch (error) {
+      // Owed in memory still (the next start does not know): the delta sync runs in this run.
+      this.options.logger.error('cannot record the delta sync owed to heal the target; it runs all the same', { group: this.name, error: (error as Error).message });
+    }
   }
 
   /**
@@ -386,8 +417,9 @@ export class SourceGroup {
    * still holds, and a delta sync of every volume, owed durably first, finds and resends what differs.
    */
   private targetLost(loss: LossReported & { target: string }): void {
-    if (this.stopping || this.healing) return;
-    this.healing = true;
+    // A session change under way (a queue overflow's) carries what this epoch had acknowledged in its HELLO.
+    if (this.stopping || this.sessionChanging) return;
+    this.sessionChanging = true;
     const message = `the target '${loss.target}' holds sequence ${loss.sequenceDurable} of epoch ${loss.epoch} but had acknowledged ${loss.sequenceAcknowledged}`;
     this.noteTargetLoss(message);
     // Until the new epoch's WELCOME says from when the target lacks them, the RPO counts from now at least.
@@ -398,9 +430,7 @@ export class SourceGroup {
       const stats = old.stats();
       this.shippedBefore.rawBytesSent += stats.rawBytesSent;
       this.shippedBefore.wireBytesSent += stats.wireBytesSent;
-      if (this.state.initialSyncDone) await this.oweDeltaSync(message);
-      // Before the initial sync is done it ships every block anyway; one begun before the loss is run again.
-      else if (this.syncActive) this.resyncFollowUp = mergeSettles(this.resyncFollowUp, { initial: true, delta: undefined });
+      await this.oweHeal(message);
       if (this.stopping) return;
       this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
       this.shipper = this.makeShipper(loss.sequenceAcknowledged, { epoch: loss.epoch, sequenceDurable: loss.sequenceDurable, sequenceAcknowledged: loss.sequenceAcknowledged });
@@ -409,7 +439,7 @@ export class SourceGroup {
     })()
       .catch((error: unknown) => this.options.logger.error('cannot start the session that heals the target', { group: this.name, error: (error as Error).message }))
       .finally(() => {
-        this.healing = false;
+        this.sessionChanging = false;
       });
   }
 
@@ -430,10 +460,10 @@ export class SourceGroup {
       const since = new Date(window.beginTimeMs).toISOString();
       const message = `the target '${welcome.appliance}' lost records it had acknowledged; no point there from ${since} is recoverable until a delta sync ends`;
       this.noteTargetLoss(message);
-      this.lossOldestTimeMs = Math.min(this.lossOldestTimeMs ?? Infinity, window.beginTimeMs);
-      const running = this.syncActive && this.sync.state === 'delta-sync';
-      if (!this.state.initialSyncDone || (this.state.deltaSyncOwed !== undefined && !running)) return;
-      void this.oweDeltaSync(message).catch(() => undefined);
+      // From the start of the protection means the target holds no image of it at all: count from when protection began.
+      this.lossOldestTimeMs = Math.min(this.lossOldestTimeMs ?? Infinity, Math.max(window.beginTimeMs, this.state.createdMs));
+      if (window.healToken !== undefined) this.healToken = window.healToken;
+      void this.oweHeal(message);
       return;
     }
     if (this.syncEndSequenceLast > welcome.sequenceDurable) return;
@@ -617,6 +647,8 @@ export class SourceGroup {
         const retry = this.syncRetry;
         this.syncRetry = undefined;
         this.startSync(this.sync.state === 'in-sync' ? 'resync' : this.sync.state, this.sync.reason ?? 'retry', retry.regions, retry.settles);
+      } else if (this.awaitingHealToken()) {
+        // A heal is owed: its sync starts once the target's WELCOME gave the token that lets it end the loss window.
       } else if ((this.resyncPending.length > 0 || this.resyncFollowUp) && this.sync.state === 'in-sync' && !this.syncActive) {
         const regions = this.resyncPending;
         const settles = this.resyncFollowUp ?? { initial: false, delta: undefined };
@@ -630,6 +662,11 @@ export class SourceGroup {
     } finally {
       this.maintenanceTimer = this.options.scheduler.setTimer(maintenanceIntervalMs, () => this.maintain());
     }
+  }
+
+  /** The target lost entries, and no WELCOME of the current session has come yet to say how to heal them. */
+  private awaitingHealToken(): boolean {
+    return this.targetLoss !== undefined && this.healToken === undefined && this.shipper.state !== 'streaming';
   }
 
   /** The group's state owes a delta sync that neither runs nor waits for an acknowledgement, and nothing else runs. */
@@ -679,8 +716,11 @@ export class SourceGroup {
         this.syncEndPending = undefined;
         this.resyncFollowUp = mergeSettles(this.resyncFollowUp, settles);
       }
+      // The new epoch's HELLO says what the target had acknowledged of the old one (or what the old one's
+      // HELLO carried, when it never got an acknowledgement): a target that lost any of it says so.
+      const carried: PreviousEpoch | undefined = stats.sequenceAcknowledged > 0 ? { epoch: this.epoch, sequenceAcknowledged: stats.sequenceAcknowledged } : this.shipperCarries;
       this.epoch = `${this.options.scheduler.nowMs().toString(36)}-${crypto.randomBytes(6).toString('hex')}`;
-      this.shipper = this.makeShipper(sequenceBase);
+      this.shipper = this.makeShipper(sequenceBase, undefined, carried);
       this.shipper.start();
       this.options.logger.warn('queue overflowed: new session with a resync of the discarded regions', { group: this.name, epoch: this.epoch, reason: regions.reason, resyncBytes: regions.resyncBytes });
       for (const [volume, ranges] of regions.volumes) for (const range of ranges) this.resyncPending.push({ volume, offset: range.offset, lengthBytes: range.lengthBytes });
@@ -697,10 +737,11 @@ export class SourceGroup {
     throw new Error(`Volume '${name}' is not in group '${this.name}'`);
   }
 
-  private pushMarker(kind: string, name?: string): { id: string; sequence: number } {
+  private pushMarker(kind: string, name?: string, heal?: string): { id: string; sequence: number } {
     const id = `${kind}-${this.options.scheduler.nowMs()}-${crypto.randomBytes(4).toString('hex')}`;
-    const checkpoint: { id: string; kind: string; name?: string } = { id, kind };
+    const checkpoint: { id: string; kind: string; name?: string; heal?: string } = { id, kind };
     if (name !== undefined) checkpoint.name = name;
+    if (heal !== undefined) checkpoint.heal = heal;
     const sequence = this.queue.push({ kind: 'checkpoint', volume: 0, offset: 0, lengthBytes: 0, timeMs: this.options.scheduler.nowMs(), checkpoint });
     this.shipper.wake();
     return { id, sequence: sequence ?? 0 };
@@ -775,7 +816,8 @@ export class SourceGroup {
     if (state === 'delta-sync') this.sync.delta = { bytesMatched: 0, bytesShipped: 0, piecesShippedWhole: 0 };
     this.options.logger.info('sync started', { group: this.name, state, reason, bytesTotal });
     this.syncActive = true;
-    this.syncRunning = this.runSync(regions, settles)
+    this.syncsStarted++;
+    this.syncRunning = this.runSync(regions, settles, this.syncsStarted)
       .catch((error: unknown) => {
         // The sync starts again from its beginning after a pause; until it ends the group stays in its sync state.
         const message = (error as Error).message;
@@ -789,13 +831,15 @@ export class SourceGroup {
       });
   }
 
-  private async runSync(regions: SyncRegion[], settles: SyncSettles): Promise<void> {
+  private async runSync(regions: SyncRegion[], settles: SyncSettles, started: number): Promise<void> {
     // Regions owed a resync stay dirty in the log until the resync's last write is acknowledged.
     const resyncToken = this.dirtyLog.beginResync();
     // An episode under way (its new session not started yet) discards this sync's first entries too.
     const bitmapEpisodes = this.queue.stats().bitmapEpisodes - (this.overflowUnderway() ? 1 : 0);
     // The marker names the sync: the target marks the stretch up to sync-end as not consistent, from the start for an initial sync.
-    this.pushMarker('sync-begin', this.syncMarkerName(this.sync.state, settles));
+    // A sync of every volume that begins after the target asked for a heal carries its token: only such a sync ends the target's loss window.
+    const coversEveryVolume = this.sync.state === 'delta-sync' || settles.initial;
+    this.pushMarker('sync-begin', this.syncMarkerName(this.sync.state, settles), coversEveryVolume ? this.healToken : undefined);
     for (const region of regions) {
       const tap = this.taps.get(region.volume);
       if (!tap) continue;
@@ -849,7 +893,7 @@ export class SourceGroup {
       this.syncEndSequenceLast = end.sequence;
       // The regions are clean, and the initial (or owed delta) sync done, once the end marker is acknowledged.
       this.dirtyLog.endResync(resyncToken, end.sequence);
-      if (settles.initial || settles.delta !== undefined) this.syncEndPending = { sequence: end.sequence, settles };
+      if (settles.initial || settles.delta !== undefined) this.syncEndPending = { sequence: end.sequence, settles, started };
       if (this.resyncOldestTimeMs !== undefined && this.resyncPending.length === 0 && !this.resyncFollowUp) this.resyncOldestClearAt = end.sequence;
     }
     this.options.logger.info('sync finished', { group: this.name, state: this.sync.state, bytesTotal: this.sync.bytesTotal, ...(this.sync.delta ? { delta: this.sync.delta } : {}) });
@@ -871,10 +915,11 @@ export class SourceGroup {
     const next = { ...this.state };
     if (settles.initial) next.initialSyncDone = true;
     if (settles.delta === this.deltaOwedGeneration) delete next.deltaSyncOwed;
-    if (this.targetLoss && next.deltaSyncOwed === undefined && next.initialSyncDone) {
+    if (this.targetLoss && pending.started > this.targetLoss.syncsStartedAtLoss && next.deltaSyncOwed === undefined) {
       this.options.logger.info('the target holds every entry again: the loss it reported is healed', { group: this.name, reason: this.targetLoss.message });
       this.targetLoss = undefined;
       this.lossOldestTimeMs = undefined;
+      this.healToken = undefined;
     }
     if (next.initialSyncDone === this.state.initialSyncDone && next.deltaSyncOwed === this.state.deltaSyncOwed) return;
     this.state = next;

@@ -9,6 +9,7 @@
  * a HELLO with an older epoch (a stale process, a restored source) is refused
  * as diverged. The mapping is persisted before the WELCOME that depends on it.
  */
+import * as crypto from 'node:crypto';
 import * as path from 'node:path';
 import { describeLossPlace, Journal, type AppendRecord, type CheckpointInfo, type JournalStatus } from '../journal/journal.js';
 import type { JournalLoss } from '../journal/metadata.js';
@@ -68,6 +69,11 @@ export interface SyncWindow {
    */
   deltaSyncNeeded?: boolean;
   deltaBegun?: boolean;
+  /**
+   * Told to the source in the WELCOME; only a sync of every volume whose begin marker carries it
+   * ends the window (one that began before the target asked, or a resync of a few regions, does not).
+   */
+  healToken?: string;
   /** The journal losses (`JournalLoss.id`) this window stands for; healed when it ends. */
   lossIds?: string[];
   /** Why the window was opened by a loss, for the alert. */
@@ -196,6 +202,7 @@ export class TargetGroup {
           checkpointsLost: damage.checkpoints.map((checkpoint) => checkpoint.id),
         });
       } else if (journal.openReport.cut) options.logger.warn('journal tail cut on open', { group: config.group, ...journal.openReport.cut });
+      if (journal.openReport.promotedDamage) options.logger.warn('damage in journal records already promoted, passed over (nothing of them is needed)', { group: config.group, ...journal.openReport.promotedDamage });
       const group = new TargetGroup(options, journal, state, replicas);
       await group.reconcileSyncWindows();
       await group.reconcileAcknowledgedMarkers();
@@ -262,7 +269,8 @@ export class TargetGroup {
       const kept = lostStream === undefined ? 0 : (this.journal.status().streams.find((entry) => entry.stream === lostStream)?.sequenceLast ?? 0) + lost!.sequenceBase;
       if (kept < reported.sequenceAcknowledged) {
         // The source was told more was durable than this journal holds: no point past what is kept is an image of it until its delta sync ends.
-        const timeMsFrom = lostStream === undefined ? 0 : this.timeMsDurable.get(lostStream) ?? this.journal.status().oldestRecoverableMs;
+        // From the newest record of that epoch still held (none: no point of this source is an image at all).
+        const timeMsFrom = lostStream === undefined ? 0 : this.journal.streamNewestTimeMs(lostStream) ?? 0;
         const reason = `the target acknowledged sequence ${reported.sequenceAcknowledged} of epoch ${reported.epoch} of '${hello.appliance}' but holds ${kept}${hello.lossReported ? '' : ' (found when the source began a new epoch)'}`;
         await this.updateState((state) => withLossWindow(state, hello.appliance, { lsnKept: this.journal.lsnDurable, timeMsFrom, reason, lossId: undefined }));
         this.options.logger.error('a source reports entries this target acknowledged and no longer holds; its delta sync heals them', { group: this.name, source: hello.appliance, epoch: reported.epoch, sequenceAcknowledged: reported.sequenceAcknowledged, sequenceHeld: kept });
@@ -288,7 +296,7 @@ export class TargetGroup {
     return {
       stream: {
         sequenceDurable,
-        ...(window ? { syncWindowOpen: { sync: window.sync, beginTimeMs: window.beginTimeMs, ...(window.deltaSyncNeeded && !window.deltaBegun ? { deltaSyncNeeded: true } : {}) } } : {}),
+        ...(window ? { syncWindowOpen: { sync: window.sync, beginTimeMs: window.beginTimeMs, ...(window.deltaSyncNeeded && !window.deltaBegun ? { deltaSyncNeeded: true, ...(window.healToken ? { healToken: window.healToken } : {}) } : {}) } } : {}),
         append: (entries) => group.append(streamRecord, entries),
         sums: (volume, offset, lengthBytes, blockBytes) => sums.sums(volume, offset, lengthBytes, blockBytes),
         release: () => {
@@ -333,6 +341,7 @@ export class TargetGroup {
         }
         const marker: SyncMarker = { id: checkpoint.id, kind: checkpoint.kind, lsn: placed[index]!.lsnFirst + at, timeMs: appended.timeMs };
         if (checkpoint.name !== undefined) marker.name = checkpoint.name;
+        if (checkpoint.heal !== undefined) marker.heal = checkpoint.heal;
         syncMarkers.push(marker);
       });
     });
@@ -449,6 +458,12 @@ export class TargetGroup {
    * asks the source for that delta sync. Runs at open, after the windows are rebuilt.
    */
   private async openLossWindows(): Promise<void> {
+    // A window recorded before heal tokens existed gets one, or no sync could ever end it.
+    await this.updateState((state) =>
+      (state.syncWindows ?? []).some((window) => window.deltaSyncNeeded && window.endLsn === undefined && window.healToken === undefined)
+        ? { ...state, syncWindows: state.syncWindows!.map((window) => (window.deltaSyncNeeded && window.endLsn === undefined && window.healToken === undefined ? { ...window, healToken: newHealToken(), deltaBegun: false } : window)) }
+        : state,
+    );
     for (const loss of this.journal.losses()) {
       if (loss.kind !== 'damage' || loss.healedTimeMs !== undefined) continue;
       const appliances = new Set<string>();
@@ -490,6 +505,7 @@ export class TargetGroup {
       const list = byAppliance.get(appliance) ?? [];
       const entry: SyncMarker = { id: marker.id, kind: marker.kind, lsn: marker.lsn, timeMs: marker.timeMs };
       if (marker.name !== undefined) entry.name = marker.name;
+      if (marker.heal !== undefined) entry.heal = marker.heal;
       list.push(entry);
       byAppliance.set(appliance, list);
     }
@@ -505,7 +521,7 @@ export class TargetGroup {
   private toAppendRecord(record: StreamRecord, entry: StreamEntry): AppendRecord {
     const base = { stream: record.stream, sequence: entry.sequence - record.sequenceBase, timeMs: Math.round(entry.timeMs) };
     if (entry.kind === 'checkpoint') {
-      let parsed: { id?: unknown; kind?: unknown; name?: unknown };
+      let parsed: { id?: unknown; kind?: unknown; name?: unknown; heal?: unknown };
       try {
         parsed = JSON.parse((entry.data ?? Buffer.alloc(0)).toString('utf8')) as typeof parsed;
       } catch {
@@ -514,6 +530,7 @@ export class TargetGroup {
       if (typeof parsed.id !== 'string' || typeof parsed.kind !== 'string') throw new Error(`Checkpoint marker ${entry.sequence} of stream ${record.stream} has no id or kind`);
       const checkpoint: CheckpointMarker = { id: parsed.id, kind: parsed.kind, streams: this.markerStreams() };
       if (typeof parsed.name === 'string') checkpoint.name = parsed.name;
+      if (typeof parsed.heal === 'string' && isSyncMarkerKind(parsed.kind)) checkpoint.heal = parsed.heal;
       return { ...base, kind: 'checkpoint', volume: 0, offset: 0, checkpoint };
     }
     const volume = record.volumes[entry.volume];
@@ -669,6 +686,8 @@ interface SyncMarker {
   id: string;
   kind: 'sync-begin' | 'sync-end';
   name?: string;
+  /** The heal token a sync's begin carries (see `SyncWindow.healToken`). */
+  heal?: string;
   lsn: number;
   timeMs: number;
 }
@@ -687,7 +706,7 @@ export function withSyncMarkers(state: GroupState, appliance: string, markers: r
     if (marker.kind === 'sync-begin') {
       if (open) {
         // A sync that compares or ships every block heals what a loss of acknowledged records left behind.
-        const heals = open.deltaSyncNeeded === true && (marker.name === 'delta-sync' || marker.name === 'initial-sync');
+        const heals = open.deltaSyncNeeded === true && marker.heal !== undefined && marker.heal === open.healToken;
         windows = windows.map((window) => (window === open ? { ...window, beginIds: [...window.beginIds, marker.id], ...(heals ? { deltaBegun: true } : {}) } : window));
       } else {
         const initial = marker.name === 'initial-sync';
@@ -698,6 +717,10 @@ export function withSyncMarkers(state: GroupState, appliance: string, markers: r
     }
   }
   return windows === before ? state : { ...state, syncWindows: windows };
+}
+
+function newHealToken(): string {
+  return `heal-${crypto.randomBytes(8).toString('hex')}`;
 }
 
 /**
@@ -716,12 +739,13 @@ export function withLossWindow(state: GroupState, appliance: string, loss: { lsn
       beginTimeMs: Math.min(open.beginTimeMs, loss.timeMsFrom),
       deltaSyncNeeded: true,
       deltaBegun: false,
+      healToken: newHealToken(),
       lossIds: [...(open.lossIds ?? []), ...lossIds],
       lossReason: loss.reason,
     };
     return { ...state, syncWindows: windows.map((window) => (window === open ? widened : window)) };
   }
-  const created: SyncWindow = { appliance, sync: 'loss-heal', beginLsn: loss.lsnKept, beginTimeMs: loss.timeMsFrom, beginIds: [], deltaSyncNeeded: true, deltaBegun: false, lossIds, lossReason: loss.reason };
+  const created: SyncWindow = { appliance, sync: 'loss-heal', beginLsn: loss.lsnKept, beginTimeMs: loss.timeMsFrom, beginIds: [], deltaSyncNeeded: true, deltaBegun: false, healToken: newHealToken(), lossIds, lossReason: loss.reason };
   return { ...state, syncWindows: [...windows, created] };
 }
 

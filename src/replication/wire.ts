@@ -245,6 +245,8 @@ export interface SyncWindowOpen {
    * damage), so regions the source believes shipped differ there.
    */
   deltaSyncNeeded?: boolean;
+  /** With `deltaSyncNeeded`: the begin marker of the sync that heals it must carry this token (a sync begun before the target asked does not count). */
+  healToken?: string;
 }
 
 /** `cannot-store`: the target could not make a batch durable (journal full, failed, or the batch refused); sent before the link closes, so the source can say why. */
@@ -345,6 +347,7 @@ function decodeSyncWindowOpen(value: unknown): SyncWindowOpen {
     sync: field(object, 'sync', isName, 'a name', 'welcome'),
     beginTimeMs: field(object, 'beginTimeMs', isCount, 'a time', 'welcome'),
     ...(deltaSyncNeeded === true ? { deltaSyncNeeded: true } : {}),
+    ...(object['healToken'] === undefined ? {} : { healToken: field(object, 'healToken', isName, 'a token', 'welcome') }),
   };
 }
 
