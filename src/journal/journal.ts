@@ -980,6 +980,9 @@ export class Journal {
         ? `a marker of it was lost with journal records ${loss.lsnFirst}..${loss.lsnLast}: ${describeLossPlace(loss)}`
         : `a marker of it lay past a torn tail cut on open (${describeLossPlace(loss)}); it was never acknowledged`;
       for (const checkpoint of loss.checkpoints) {
+        // Markers past a torn tail were never acknowledged: the source sends them again, and once they
+        // are here the checkpoint is whole again.
+        if (loss.kind === 'tail-cut' && this.checkpointStates.has(checkpoint.id)) continue;
         const entry: { kind: string; name?: string; timeMs: number; why: string } = { kind: checkpoint.kind, timeMs: loss.timeMsFrom, why };
         if (checkpoint.name !== undefined) entry.name = checkpoint.name;
         out.set(checkpoint.id, entry);
