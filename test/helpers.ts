@@ -238,12 +238,31 @@ export async function makeTlsFiles(dir: string): Promise<TlsFiles> {
   };
 }
 
-/** Seed for a randomised test: LIFELINE_SEED if set, else random; always printed. */
+/** True when the run explores fresh seeds (`npm run test:explore`) instead of the fixed ones. */
+export function exploringSeeds(): boolean {
+  return process.env.LIFELINE_EXPLORE === '1';
+}
+
+/**
+ * Seed for a randomised test: LIFELINE_SEED if set; a fresh random one when exploring
+ * (LIFELINE_EXPLORE=1, `npm run test:explore`); else a fixed one derived from the test's name, so
+ * that `npm test` (and CI) runs the same cases every time. Always printed.
+ */
 export function testSeed(name: string): number {
   const fromEnv = process.env.LIFELINE_SEED;
-  const seed = fromEnv ? Number(fromEnv) : Math.floor(Math.random() * 0x7fffffff);
+  const seed = fromEnv ? Number(fromEnv) : exploringSeeds() ? Math.floor(Math.random() * 0x7fffffff) : fixedSeed(name);
   console.log(`# ${name}: seed ${seed} (replay with LIFELINE_SEED=${seed})`);
   return seed;
+}
+
+/** FNV-1a of the name, as a positive 31-bit seed. */
+export function fixedSeed(name: string): number {
+  let hash = 0x811c9dc5;
+  for (const byte of Buffer.from(name, 'utf8')) {
+    hash ^= byte;
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return (hash & 0x7fffffff) || 1;
 }
 
 /** A small deterministic PRNG (xorshift32) for tests. */
