@@ -8,7 +8,7 @@ import { nodeFileSystem } from '../journal/file-system.js';
 import { readMetadata, type JournalMetadata } from '../journal/metadata.js';
 import { parseUnitFileName } from '../journal/pool.js';
 import { decodeMarker, type CheckpointMarker } from '../journal/record.js';
-import { judgeEnd, scanPastEnd, scanUnits, type ScanResult, type UnitRef } from '../journal/scan.js';
+import { judgeLogEnd, scanUnits, type ScanResult, type UnitRef } from '../journal/scan.js';
 import { UsageError } from './usage-error.js';
 
 export const journalUsage = `Usage: lifeline journal inspect|verify DIR [--json]
@@ -80,12 +80,7 @@ async function survey(directory: string): Promise<Survey> {
     },
   });
   const last = scan.units[scan.units.length - 1];
-  const lsnEnd = Math.max(scan.lsnLast, meta.watermarkLsn);
-  const cleanEnd = meta.lsnClosed !== undefined && meta.lsnClosed === lsnEnd;
-  const past = cleanEnd || !last
-    ? undefined
-    : await scanPastEnd({ fileSystem: nodeFileSystem, units: [{ ref: last, from: last.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))], unitBytes: meta.unitBytes, lsnAfter: lsnEnd, generationMin: scan.generationLast });
-  const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: Math.max(meta.lsnCommitted ?? 0, meta.promotingToLsn), past, endIsDamage: scan.endIsDamage });
+  const { lsnEnd, past, verdict, proofLsn } = await judgeLogEnd(nodeFileSystem, scan, meta, meta.unitBytes);
   // The same words as the journal's open (describeLossPlace), so that both name the same first damaged record.
   const place = last ? `unit ${last.number} at offset ${last.endPosition}: ${last.stopReason}` : 'no storage unit is left';
   const proof = (past?.claimMax ?? 0) > lsnEnd ? `records past it (the first in unit ${past!.first!.unit} at offset ${past!.first!.position}) claim lsn ${proofLsn} was committed` : `the metadata says lsn ${proofLsn} was committed`;

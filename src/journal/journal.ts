@@ -38,7 +38,7 @@ import {
   type CheckpointMarker,
   type RecordKindName,
 } from './record.js';
-import { judgeEnd, scanPastEnd, scanUnits, type PastEnd, type ScanOptions } from './scan.js';
+import { judgeLogEnd, scanPastEnd, scanUnits, type PastEnd, type ScanOptions } from './scan.js';
 import { RecoveryView, type ViewHost } from './view.js';
 
 /** Streams and volumes are 16-bit in the index. */
@@ -435,18 +435,7 @@ export class Journal {
     // after it can claim to have been written after it was committed, and the metadata's commit
     // point cannot be past it. Whatever lies past the end is searched for such claims, unless a
     // clean close vouches that nothing lies past it.
-    const cleanEnd = meta.lsnClosed !== undefined && meta.lsnClosed === lsnEnd;
-    const past = cleanEnd || !last
-      ? undefined
-      : await scanPastEnd({
-          fileSystem: this.fileSystem,
-          units: [{ ref: last, from: last.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))],
-          unitBytes: this.unitBytes,
-          lsnAfter: lsnEnd,
-          generationMin: scan.generationLast,
-        });
-    // A promotion intent is a commit point too: only durable records are promoted.
-    const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: Math.max(meta.lsnCommitted ?? 0, meta.promotingToLsn), past, endIsDamage: scan.endIsDamage });
+    const { past, verdict, proofLsn } = await judgeLogEnd(this.fileSystem, scan, meta, this.unitBytes);
     const damaged = verdict === 'damage';
     const stop = { unit: last?.number ?? meta.unitFirst, position: last?.endPosition ?? 0, reason: last?.stopReason ?? 'no storage unit is left' };
     if (damaged || (past !== undefined && past.markers.length > 0)) {

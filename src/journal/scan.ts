@@ -304,3 +304,24 @@ export function judgeEnd(input: { lsnEnd: number; lsnCommitted: number; past: Pa
   if (input.endIsDamage || (input.past?.records ?? 0) > 0) return { verdict: 'torn-tail', proofLsn };
   return { verdict: 'end', proofLsn };
 }
+
+/**
+ * How the scanned log ends, as open and the offline tool both judge it: searches past the end
+ * (unless a clean close vouches that nothing lies there) and weighs what it finds against the
+ * metadata's commit points (`lsnCommitted`, and a promotion intent: only durable records are promoted).
+ */
+export async function judgeLogEnd(
+  fileSystem: JournalFileSystem,
+  scan: ScanResult,
+  meta: { watermarkLsn: number; promotingToLsn: number; lsnCommitted?: number; lsnClosed?: number },
+  unitBytes: number,
+): Promise<{ lsnEnd: number; past: PastEnd | undefined; verdict: 'end' | 'torn-tail' | 'damage'; proofLsn: number }> {
+  const lsnEnd = Math.max(scan.lsnLast, meta.watermarkLsn);
+  const last = scan.units[scan.units.length - 1];
+  const cleanEnd = meta.lsnClosed !== undefined && meta.lsnClosed === lsnEnd;
+  const past = cleanEnd || !last
+    ? undefined
+    : await scanPastEnd({ fileSystem, units: [{ ref: last, from: last.endPosition }, ...scan.unitsBeyond.map((ref) => ({ ref, from: 0 }))], unitBytes, lsnAfter: lsnEnd, generationMin: scan.generationLast });
+  const { verdict, proofLsn } = judgeEnd({ lsnEnd, lsnCommitted: Math.max(meta.lsnCommitted ?? 0, meta.promotingToLsn), past, endIsDamage: scan.endIsDamage });
+  return { lsnEnd, past, verdict, proofLsn };
+}
